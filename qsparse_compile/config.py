@@ -1,0 +1,232 @@
+"""The user-facing configuration: which projections are sparsified, and how.
+
+`QSparseConfig` is validated on construction, so a bad option fails where it is given (in
+`torch.compile(..., options=...)` that is at compile time) with a message that names the option,
+the value given and what is allowed. The same options are accepted as a plain dict
+(`QSparseConfig.from_options`), because that is what `torch.compile` hands a backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Mapping
+from typing import Any
+
+METHODS = ("topk", "block")
+RESCALES = ("none", "l2")
+QUANTS = (None, "int8", "bitnet")
+
+#: The output head (projection to the vocabulary) stays dense by default (DESIGN.md point 8).
+DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
+
+
+def check_sparsity(value: Any, where: str) -> float:
+    """Validate one sparsity value: a real number in ``[0, 1)``; return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{where}: sparsity must be a number in [0, 1) (or None for dense), "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    s = float(value)
+    if not (0.0 <= s < 1.0) or math.isnan(s):
+        raise ValueError(
+            f"{where}: sparsity must be in [0, 1) (the fraction of activations zeroed; "
+            f"0 leaves the projection dense), got {value!r}"
+        )
+    return s
+
+
+def check_block(value: Any, where: str) -> tuple[int, int]:
+    """Validate an N:M block pattern: two integers with ``1 <= n <= m``."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{where}: block must be a pair of integers (n, m), got {value!r}")
+    n, m = value
+    if not 1 <= n <= m:
+        raise ValueError(
+            f"{where}: block (n, m) must satisfy 1 <= n <= m (keep n of every m), got ({n}, {m})"
+        )
+    return (n, m)
+
+
+def topk_count(dim: int, sparsity: float) -> int:
+    """Number of entries kept per row: ``max(1, round((1 - s) * D))`` (DESIGN.md point 1)."""
+    return max(1, round((1.0 - sparsity) * dim))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionPlan:
+    """What happens to one projection's input, after globs and exclusions are resolved.
+
+    ``sparsity`` is the requested fraction (top-K) or ``1 - n/m`` (block); ``None`` means dense.
+    """
+
+    method: str | None
+    sparsity: float | None
+    block: tuple[int, int] | None
+
+    @property
+    def dense(self) -> bool:
+        return self.method is None
+
+
+@dataclasses.dataclass(frozen=True)
+class QSparseConfig:
+    """How to sparsify the inputs of a model's linear projections.
+
+    Args:
+        sparsity: fraction of each projection input zeroed, in ``[0, 1)``; 0 leaves it dense.
+            With ``method="block"`` the fraction is ``1 - n/m``; giving a different explicit
+            value is an error (it would be silently ignored otherwise).
+        overrides: per-projection sparsity by glob over module paths, e.g.
+            ``{"*.mlp.down_proj": 0.6, "*.layers.0.*": None}``; ``None`` leaves it dense.
+            The last matching glob wins.
+        method: ``"topk"`` (per-row top-K by magnitude) or ``"block"`` (N:M inside groups).
+        block: ``(n, m)`` for ``method="block"``: keep ``n`` of every ``m`` consecutive entries.
+        rescale: ``"none"`` or ``"l2"`` (keep each row's L2 norm after masking).
+        quant: ``None``, ``"int8"`` (per-row absmax activations) or ``"bitnet"`` (int8
+            activations and ternary absmean weights).
+        ste: straight-through gradient (True) or the masked-gradient ablation (False).
+        exclude: globs of module paths left dense; default: the output head.
+        strict: raise instead of warning when a projection cannot take the configuration
+            (for example an input width that is not a multiple of ``m``).
+    """
+
+    sparsity: float | None = None
+    overrides: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
+    method: str = "topk"
+    block: tuple[int, int] | None = None
+    rescale: str = "none"
+    quant: str | None = None
+    ste: bool = True
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
+        if self.method not in METHODS:
+            raise ValueError(
+                f"option 'method': got {self.method!r}, allowed: {', '.join(map(repr, METHODS))}"
+            )
+        if self.rescale not in RESCALES:
+            raise ValueError(
+                f"option 'rescale': got {self.rescale!r}, allowed: "
+                f"{', '.join(map(repr, RESCALES))}"
+            )
+        if self.quant not in QUANTS:
+            raise ValueError(
+                f"option 'quant': got {self.quant!r}, allowed: {', '.join(map(repr, QUANTS))}"
+            )
+        for name in ("ste", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"option {name!r}: must be True or False, got {getattr(self, name)!r}"
+                )
+        if self.method == "block":
+            block = check_block(
+                self.block if self.block is not None else (16, 32), "option 'block'"
+            )
+            set_(self, "block", block)
+            implied = 1.0 - block[0] / block[1]
+            if self.sparsity is not None:
+                given = check_sparsity(self.sparsity, "option 'sparsity'")
+                if given != 0.0 and not math.isclose(given, implied, abs_tol=1e-9):
+                    raise ValueError(
+                        f"option 'sparsity': got {self.sparsity!r} with method='block' and "
+                        f"block={block}, which zeroes {implied:g}; give sparsity={implied:g}, "
+                        f"0 (dense), or leave it out"
+                    )
+                set_(self, "sparsity", given)
+            else:
+                set_(self, "sparsity", implied)
+        else:
+            if self.block is not None:
+                raise ValueError(
+                    f"option 'block': got {self.block!r} with method='topk'; "
+                    f"block applies only with method='block'"
+                )
+            sparsity = 0.5 if self.sparsity is None else self.sparsity
+            set_(self, "sparsity", check_sparsity(sparsity, "option 'sparsity'"))
+        if not isinstance(self.overrides, Mapping):
+            raise TypeError(
+                f"option 'overrides': must be a mapping of module-path glob -> sparsity "
+                f"(or None), got {self.overrides!r}"
+            )
+        overrides: dict[str, float | None] = {}
+        for glob, value in self.overrides.items():
+            if not isinstance(glob, str):
+                raise TypeError(f"option 'overrides': keys must be glob strings, got {glob!r}")
+            where = f"option 'overrides'[{glob!r}]"
+            if value is None:
+                overrides[glob] = None
+                continue
+            s = check_sparsity(value, where)
+            if self.method == "block" and s != 0.0:
+                implied = 1.0 - self.block[0] / self.block[1]
+                if not math.isclose(s, implied, abs_tol=1e-9):
+                    raise ValueError(
+                        f"{where}: got {value!r} with method='block' and block={self.block}; "
+                        f"allowed: {implied:g}, 0 or None (dense)"
+                    )
+            overrides[glob] = s
+        set_(self, "overrides", overrides)
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        if not all(isinstance(g, str) for g in exclude):
+            raise TypeError(f"option 'exclude': must be glob strings, got {self.exclude!r}")
+        set_(self, "exclude", tuple(exclude))
+
+    @classmethod
+    def from_options(cls, options: QSparseConfig | Mapping[str, Any] | None = None,
+                     **kwargs: Any) -> QSparseConfig:
+        """Build a config from a config, a plain dict (as ``torch.compile`` passes), or kwargs.
+
+        Unknown option names raise ``ValueError`` listing the allowed ones.
+        """
+        if isinstance(options, QSparseConfig):
+            if kwargs:
+                return dataclasses.replace(options, **_checked_names(kwargs))
+            return options
+        merged: dict[str, Any] = dict(options or {})
+        merged.update(kwargs)
+        return cls(**_checked_names(merged))
+
+    def plan_for(self, path: str) -> ProjectionPlan:
+        """Resolve the configuration for the projection at module path ``path``."""
+        if any(fnmatch.fnmatchcase(path, glob) for glob in self.exclude):
+            return ProjectionPlan(None, None, None)
+        sparsity = self.sparsity
+        for glob, value in self.overrides.items():
+            if fnmatch.fnmatchcase(path, glob):
+                sparsity = value
+        if sparsity is None or sparsity == 0.0:
+            return ProjectionPlan(None, None, None)
+        if self.method == "block":
+            n, m = self.block
+            return ProjectionPlan("block", 1.0 - n / m, self.block)
+        return ProjectionPlan("topk", sparsity, None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a plain, JSON-serialisable dict (round-trips through from_options)."""
+        d = dataclasses.asdict(self)
+        d["overrides"] = dict(self.overrides)
+        d["exclude"] = list(self.exclude)
+        d["block"] = list(self.block) if self.block is not None else None
+        return d
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(QSparseConfig))
+
+
+def _checked_names(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(OPTION_NAMES)}"
+        )
+    return dict(options)

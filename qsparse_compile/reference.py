@@ -1,0 +1,141 @@
+"""The eager reference: Q-Sparse's exact semantics (DESIGN.md) in plain, readable PyTorch.
+
+This module is the oracle every op, kernel and pass is compared against. It uses no custom ops
+and favours clarity over speed: the top-K mask comes from a stable sort, not from the
+threshold selection the ops and kernels use, so agreeing with it is evidence, not tautology.
+
+Everything acts on the last dimension (a row is one token's features).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ProjectionPlan, QSparseConfig, topk_count
+
+__all__ = [
+    "topk_mask",
+    "block_mask",
+    "l2_rescale_factor",
+    "topk_sparsify",
+    "block_sparsify",
+    "int8_fake_quant",
+    "ternary_fake_quant",
+    "sparsify_input",
+    "projection",
+]
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask keeping the ``k`` largest ``|x|`` of each row.
+
+    Ties at the k-th magnitude go to the lower index: a stable descending sort keeps equal
+    magnitudes in index order. ``torch.sort`` orders NaN above every number, so NaNs are kept.
+    """
+    order = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    return mask.scatter(-1, order[..., :k], True)
+
+
+def block_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest ``|x|`` in every group of ``m`` consecutive entries."""
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
+    return topk_mask(groups, n).reshape(x.shape)
+
+
+def l2_rescale_factor(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row float32 factor ``||x|| / ||x * mask||`` (1 where the masked row is all zero)."""
+    full = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
+    kept = torch.linalg.vector_norm(torch.where(mask, x, 0).float(), dim=-1, keepdim=True)
+    return torch.where(kept > 0, full / kept, torch.ones_like(kept))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``value``. Backward: the upstream gradient, optionally scaled and masked.
+
+    This is DESIGN.md point 7: the mask (and any quantizer) is transparent to the gradient;
+    ``grad_scale`` (the rescale factor) multiplies it as a constant; ``grad_mask`` is the
+    ``ste=False`` ablation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, value, grad_scale, grad_mask):  # noqa: D102
+        ctx.save_for_backward(grad_scale, grad_mask)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        scale, mask = ctx.saved_tensors
+        if scale is not None:
+            grad = (grad.float() * scale).to(grad.dtype)
+        if mask is not None:
+            grad = torch.where(mask, grad, 0)
+        return grad, None, None, None
+
+
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor, rescale: str, ste: bool) -> torch.Tensor:
+    value = torch.where(mask, x, 0)
+    scale = None
+    if rescale == "l2":
+        scale = l2_rescale_factor(x, mask)
+        value = (value.float() * scale).to(x.dtype)
+    return _StraightThrough.apply(x, value.detach(), scale, None if ste else mask)
+
+
+def topk_sparsify(
+    x: torch.Tensor, k: int, rescale: str = "none", ste: bool = True
+) -> torch.Tensor:
+    """Keep the top-``k`` magnitudes of each row (exact values), zero the rest."""
+    return _apply_mask(x, topk_mask(x.detach(), k), rescale, ste)
+
+
+def block_sparsify(
+    x: torch.Tensor, n: int, m: int, rescale: str = "none", ste: bool = True
+) -> torch.Tensor:
+    """Keep the top-``n`` magnitudes of every group of ``m`` consecutive entries."""
+    return _apply_mask(x, block_mask(x.detach(), n, m), rescale, ste)
+
+
+def int8_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """Per-row absmax int8 quantize-dequantize, straight-through in the backward pass."""
+    xf = x.detach().float()
+    gamma = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-5)
+    q = torch.clamp(torch.round(127.0 * xf / gamma), -128, 127)
+    return _StraightThrough.apply(x, (q * gamma / 127.0).to(x.dtype), None, None)
+
+
+def ternary_fake_quant(w: torch.Tensor) -> torch.Tensor:
+    """Per-tensor absmean ternary weights ``{-a, 0, a}``, straight-through (BitNet b1.58)."""
+    wf = w.detach().float()
+    alpha = wf.abs().mean().clamp_min(1e-5)
+    q = torch.clamp(torch.round(wf / alpha), -1, 1)
+    return _StraightThrough.apply(w, (q * alpha).to(w.dtype), None, None)
+
+
+def sparsify_input(x: torch.Tensor, plan: ProjectionPlan, config: QSparseConfig) -> torch.Tensor:
+    """A projection's input as the model sees it: sparsified by ``plan``, then quantized."""
+    if plan.dense:
+        return x
+    if plan.method == "block":
+        n, m = plan.block
+        out = block_sparsify(x, n, m, config.rescale, config.ste)
+    else:
+        out = topk_sparsify(x, topk_count(x.shape[-1], plan.sparsity), config.rescale, config.ste)
+    if config.quant in ("int8", "bitnet"):
+        out = int8_fake_quant(out)
+    return out
+
+
+def projection(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: ProjectionPlan,
+    config: QSparseConfig,
+) -> torch.Tensor:
+    """``y = sparsify(x) W^T + b`` as specified; ternary weights when ``quant="bitnet"``."""
+    if plan.dense:
+        return torch.nn.functional.linear(x, weight, bias)
+    if config.quant == "bitnet":
+        weight = ternary_fake_quant(weight)
+    return torch.nn.functional.linear(sparsify_input(x, plan, config), weight, bias)
