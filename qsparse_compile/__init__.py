@@ -7,7 +7,17 @@ live in ``torch.ops.qsparse``; :mod:`qsparse_compile.reference` is the eager ora
 
 from . import ops  # noqa: F401  (registers torch.ops.qsparse)
 from .config import QSparseConfig, topk_count
+from .export import sparsify_exported
 from .functional import sparse_projection, sparsify
+from .report import Report, report
 
-__all__ = ["QSparseConfig", "topk_count", "sparsify", "sparse_projection"]
+__all__ = [
+    "QSparseConfig",
+    "topk_count",
+    "sparsify",
+    "sparse_projection",
+    "sparsify_exported",
+    "report",
+    "Report",
+]
 __version__ = "0.1.0"

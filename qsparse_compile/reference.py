@@ -9,6 +9,8 @@ Everything acts on the last dimension (a row is one token's features).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import ProjectionPlan, QSparseConfig, topk_count
@@ -23,6 +25,7 @@ __all__ = [
     "ternary_fake_quant",
     "sparsify_input",
     "projection",
+    "reference_model",
 ]
 
 
@@ -38,7 +41,7 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def block_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Boolean mask keeping the ``n`` largest ``|x|`` in every group of ``m`` consecutive entries."""
+    """Boolean mask keeping the ``n`` largest ``|x|`` in each group of ``m`` consecutive entries."""
     groups = x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
     return topk_mask(groups, n).reshape(x.shape)
 
@@ -139,3 +142,42 @@ def projection(
     if config.quant == "bitnet":
         weight = ternary_fake_quant(weight)
     return torch.nn.functional.linear(sparsify_input(x, plan, config), weight, bias)
+
+
+@contextlib.contextmanager
+def reference_model(model: torch.nn.Module, config: QSparseConfig | None = None, **options):
+    """Within the block, ``model`` computes every projection through this module's oracle.
+
+    Forward hooks replace the output of each ``nn.Linear`` (and ``Conv1D``-style module with a
+    ``[in, out]`` weight) with :func:`projection` under the config's plan for its module path,
+    so the eager model is the reference a compiled model must match, forward and backward.
+    Block patterns that do not divide a projection's width leave it dense, as the pass does.
+    """
+    config = QSparseConfig.from_options(config, **options)
+    handles = []
+
+    def hook(plan, transposed):
+        def run(module, inputs, output):
+            weight = module.weight.t() if transposed else module.weight
+            return projection(inputs[0], weight, module.bias, plan, config)
+        return run
+
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear):
+            transposed = False
+        elif type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) \
+                and weight.dim() == 2:
+            transposed = True
+        else:
+            continue
+        plan = config.plan_for(path)
+        in_features = weight.shape[0] if transposed else weight.shape[1]
+        if plan.method == "block" and in_features % plan.block[1]:
+            plan = ProjectionPlan(None, None, None)
+        handles.append(module.register_forward_hook(hook(plan, transposed)))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,7 @@
+"""``python -m qsparse_compile demo``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

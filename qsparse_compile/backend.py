@@ -1,0 +1,69 @@
+"""The ``qsparse`` torch.compile backend.
+
+``torch.compile(model, backend="qsparse", options={...})`` works without importing this package:
+the backend is registered through the ``torch_dynamo_backends`` entry point. Dynamo hands us
+each captured graph; we rewrite its projections (:func:`passes.sparsify_graph`) and pass the
+result to the inner compiler: Inductor's ``compile_fx`` by default (which runs AOTAutograd, so
+training works through the ops' straight-through gradients), or ``inner="eager"`` to run the
+rewritten graph as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx
+
+from .config import QSparseConfig
+from .passes import RewrittenProjection, WeightTable, sparsify_graph
+
+INNER_COMPILERS = ("inductor", "eager")
+BACKEND_OPTIONS = ("inner",)
+
+#: The projections rewritten by the most recent graphs compiled in this process, newest last.
+#: Read it with :func:`last_compiled`; it is what ``report`` shows for a compiled model.
+_LAST_RECORDS: list[list[RewrittenProjection]] = []
+
+
+def split_options(options: QSparseConfig | Mapping[str, Any] | None
+                  ) -> tuple[QSparseConfig, str]:
+    """Separate backend options (``inner``) from sparsity options and validate both."""
+    if isinstance(options, QSparseConfig):
+        return options, "inductor"
+    opts = dict(options or {})
+    inner = opts.pop("inner", "inductor")
+    if inner not in INNER_COMPILERS:
+        raise ValueError(
+            f"option 'inner': got {inner!r}, allowed: {', '.join(map(repr, INNER_COMPILERS))}"
+        )
+    return QSparseConfig.from_options(opts), inner
+
+
+def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
+                    options: QSparseConfig | Mapping[str, Any] | None = None,
+                    **kwargs: Any) -> Callable:
+    """Dynamo backend: sparsify every projection of ``gm``, then compile it."""
+    if kwargs.get("mode") not in (None, "default"):
+        raise ValueError(f"backend 'qsparse': mode={kwargs['mode']!r} is not supported; "
+                         f"pass settings through options=")
+    config, inner = split_options(options)
+    records = sparsify_graph(gm, WeightTable.from_dynamo(gm, example_inputs), config)
+    _LAST_RECORDS.append(records)
+    del _LAST_RECORDS[:-64]  # keep memory bounded under many recompilations
+    if inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def last_compiled(graphs: int = 1) -> list[RewrittenProjection]:
+    """Records of the projections in the ``graphs`` most recently compiled graphs."""
+    return [r for records in _LAST_RECORDS[-graphs:] for r in records]
+
+
+def reset_records() -> None:
+    """Forget recorded compilations (tests call this between models)."""
+    _LAST_RECORDS.clear()

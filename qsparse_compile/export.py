@@ -1,0 +1,41 @@
+"""Rewrite the projections of a ``torch.export`` program.
+
+The result is an ordinary ``ExportedProgram`` whose graph calls ``qsparse`` ops: it runs, and it
+survives ``torch.export.save`` / ``torch.export.load`` in any process that imports this package
+(importing it registers the ops the loader needs).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .config import QSparseConfig
+from .passes import RewrittenProjection, WeightTable, sparsify_graph
+
+
+def sparsify_exported_with_records(
+    ep: torch.export.ExportedProgram, config: QSparseConfig
+) -> tuple[torch.export.ExportedProgram, list[RewrittenProjection]]:
+    """As :func:`sparsify_exported`, also returning what was done to each projection."""
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise TypeError(f"sparsify_exported: expected a torch.export.ExportedProgram, got "
+                        f"{type(ep).__name__}")
+    ep = copy.deepcopy(ep)
+    records = sparsify_graph(ep.graph_module, WeightTable.from_export(ep), config)
+    ep.graph_module.graph.lint()
+    return ep, records
+
+
+def sparsify_exported(ep: torch.export.ExportedProgram,
+                      config: QSparseConfig | None = None, **options: Any
+                      ) -> torch.export.ExportedProgram:
+    """Return a copy of ``ep`` with every projection's input sparsified.
+
+    Options are those of :class:`QSparseConfig` (or pass a config). Example::
+
+        ep2 = sparsify_exported(torch.export.export(model, (ids,)), sparsity=0.5)
+    """
+    return sparsify_exported_with_records(ep, QSparseConfig.from_options(config, **options))[0]

@@ -1,0 +1,131 @@
+"""Rewrite every projection's input through the ``qsparse`` ops, as the config says.
+
+``y = x @ W^T + b`` becomes ``y = qsparse.sparse_linear(sparsify(x), W, b)``, where ``sparsify``
+is ``topk_sparsify`` or ``block_sparsify`` (then ``int8_fake_quant`` for int8/bitnet) and ``W``
+is passed ``[out, in]`` (``ternary_fake_quant(W)`` for bitnet). Projections that read the same
+tensor with the same plan share one sparsify node, so q/k/v and gate/up select once.
+The rewrite emits only ATen and ``qsparse`` ops, so the same pass serves Dynamo graphs
+(torch-level IR) and ``torch.export`` graphs (ATen IR).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
+from ..config import ProjectionPlan, QSparseConfig, topk_count
+from .projections import Projection, find_projections, tensor_meta
+from .weights import WeightTable
+
+qsparse = torch.ops.qsparse
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class RewrittenProjection:
+    """A projection and the plan applied to it (``plan.dense``: left as it was)."""
+
+    projection: Projection
+    plan: ProjectionPlan
+    k: int | None
+    note: str = ""
+
+
+def plan_projection(proj: Projection, config: QSparseConfig) -> tuple[ProjectionPlan, int | None,
+                                                                       str]:
+    """Resolve the plan for one projection; block patterns that do not fit stay dense."""
+    plan = config.plan_for(proj.path)
+    if plan.dense:
+        return plan, None, ""
+    if plan.method == "block":
+        n, m = plan.block
+        if proj.in_features % m:
+            msg = (f"projection {proj.path!r}: input width {proj.in_features} is not a multiple "
+                   f"of m={m}, so block {n}:{m} cannot apply")
+            if config.strict:
+                raise ValueError(msg + " (strict=True)")
+            warnings.warn(msg + "; left dense", stacklevel=3)
+            return ProjectionPlan(None, None, None), None, "width not a multiple of m"
+        return plan, n * (proj.in_features // m), ""
+    return plan, topk_count(proj.in_features, plan.sparsity), ""
+
+
+def _copy_meta(new: torch.fx.Node, like: torch.fx.Node) -> None:
+    """Give an inserted node the tracer metadata later stages read (fake value, module)."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+    value_key = "val" if "val" in like.meta else "example_value"
+    args = torch.fx.node.map_arg(new.args, tensor_meta)
+    first = args[0]
+    fake_mode = detect_fake_mode([first]) if isinstance(first, torch.Tensor) else None
+    if fake_mode is None:
+        return
+    with fake_mode:
+        # Dynamo may record parameters under another fake mode than activations: re-create
+        # such tensors (static shapes) in the activation's mode so the op can run on them.
+        args = torch.utils._pytree.tree_map_only(
+            torch.Tensor,
+            lambda t: t if getattr(t, "fake_mode", None) is fake_mode else torch.empty_strided(
+                t.shape, t.stride(), dtype=t.dtype, device=t.device),
+            args,
+        )
+        new.meta[value_key] = new.target(*args)
+
+
+def _insert(graph: torch.fx.Graph, target, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
+    node = graph.call_function(target, args)
+    _copy_meta(node, like)
+    return node
+
+
+def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
+                   config: QSparseConfig) -> list[RewrittenProjection]:
+    """Rewrite ``gm`` in place; return one record per projection found (dense ones too)."""
+    graph = gm.graph
+    records: list[RewrittenProjection] = []
+    shared: dict[tuple, torch.fx.Node] = {}
+    for proj in find_projections(gm, weights):
+        plan, k, note = plan_projection(proj, config)
+        records.append(RewrittenProjection(proj, plan, k, note))
+        if plan.dense:
+            continue
+        node = proj.node
+        with graph.inserting_before(node):
+            key = (proj.x, plan.method, k, plan.block)
+            xs = shared.get(key)
+            if xs is None:
+                rescale = config.rescale == "l2"
+                if plan.method == "block":
+                    n, m = plan.block
+                    xs = _insert(graph, qsparse.block_sparsify.default,
+                                 (proj.x, n, m, rescale, config.ste), node)
+                else:
+                    xs = _insert(graph, qsparse.topk_sparsify.default,
+                                 (proj.x, k, rescale, config.ste), node)
+                if config.quant in ("int8", "bitnet"):
+                    xs = _insert(graph, qsparse.int8_fake_quant.default, (xs,), node)
+                shared[key] = xs
+            weight = proj.weight
+            if proj.weight_layout == "in_out":
+                weight = _insert(graph, aten.t.default, (weight,), node)
+            if config.quant == "bitnet":
+                weight = _insert(graph, qsparse.ternary_fake_quant.default, (weight,), node)
+            bias, extra_bias = proj.bias, None
+            bias_meta = tensor_meta(bias)
+            if bias is not None and (bias_meta is None or tuple(bias_meta.shape) != (
+                    proj.out_features,)):
+                bias, extra_bias = None, proj.bias  # broadcast bias: add it after the product
+            y = _insert(graph, qsparse.sparse_linear.default, (xs, weight, bias), node)
+            if extra_bias is not None:
+                y = _insert(graph, aten.add.Tensor, (y, extra_bias), node)
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return records
