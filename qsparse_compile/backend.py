@@ -2,10 +2,10 @@
 
 ``torch.compile(model, backend="qsparse", options={...})`` works without importing this package:
 the backend is registered through the ``torch_dynamo_backends`` entry point. Dynamo hands us
-each captured graph; we rewrite its projections (:func:`passes.sparsify_graph`) and pass the
-result to the inner compiler: Inductor's ``compile_fx`` by default (which runs AOTAutograd, so
-training works through the ops' straight-through gradients), or ``inner="eager"`` to run the
-rewritten graph as it is.
+each captured graph; we rewrite its projections, share and fuse (:func:`passes.run_passes`;
+``fuse=False`` stops after the rewrite) and pass the result to the inner compiler: Inductor's
+``compile_fx`` by default (which runs AOTAutograd, so training works through the ops'
+straight-through gradients), or ``inner="eager"`` to run the rewritten graph as it is.
 """
 
 from __future__ import annotations
@@ -17,28 +17,31 @@ import torch
 import torch.fx
 
 from .config import QSparseConfig
-from .passes import RewrittenProjection, WeightTable, sparsify_graph
+from .passes import PassResult, RewrittenProjection, WeightTable, run_passes
 
 INNER_COMPILERS = ("inductor", "eager")
-BACKEND_OPTIONS = ("inner",)
+BACKEND_OPTIONS = ("inner", "fuse")
 
 #: The projections rewritten by the most recent graphs compiled in this process, newest last.
 #: Read it with :func:`last_compiled`; it is what ``report`` shows for a compiled model.
-_LAST_RECORDS: list[list[RewrittenProjection]] = []
+_LAST_RESULTS: list[PassResult] = []
 
 
 def split_options(options: QSparseConfig | Mapping[str, Any] | None
-                  ) -> tuple[QSparseConfig, str]:
-    """Separate backend options (``inner``) from sparsity options and validate both."""
+                  ) -> tuple[QSparseConfig, str, bool]:
+    """Separate backend options (``inner``, ``fuse``) from sparsity options; validate all."""
     if isinstance(options, QSparseConfig):
-        return options, "inductor"
+        return options, "inductor", True
     opts = dict(options or {})
     inner = opts.pop("inner", "inductor")
     if inner not in INNER_COMPILERS:
         raise ValueError(
             f"option 'inner': got {inner!r}, allowed: {', '.join(map(repr, INNER_COMPILERS))}"
         )
-    return QSparseConfig.from_options(opts), inner
+    fuse = opts.pop("fuse", True)
+    if not isinstance(fuse, bool):
+        raise TypeError(f"option 'fuse': must be True or False, got {fuse!r}")
+    return QSparseConfig.from_options(opts), inner, fuse
 
 
 def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
@@ -48,10 +51,10 @@ def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
     if kwargs.get("mode") not in (None, "default"):
         raise ValueError(f"backend 'qsparse': mode={kwargs['mode']!r} is not supported; "
                          f"pass settings through options=")
-    config, inner = split_options(options)
-    records = sparsify_graph(gm, WeightTable.from_dynamo(gm, example_inputs), config)
-    _LAST_RECORDS.append(records)
-    del _LAST_RECORDS[:-64]  # keep memory bounded under many recompilations
+    config, inner, fuse = split_options(options)
+    result = run_passes(gm, WeightTable.from_dynamo(gm, example_inputs), config, fuse=fuse)
+    _LAST_RESULTS.append(result)
+    del _LAST_RESULTS[:-64]  # keep memory bounded under many recompilations
     if inner == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -61,9 +64,14 @@ def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
 
 def last_compiled(graphs: int = 1) -> list[RewrittenProjection]:
     """Records of the projections in the ``graphs`` most recently compiled graphs."""
-    return [r for records in _LAST_RECORDS[-graphs:] for r in records]
+    return [r for result in _LAST_RESULTS[-graphs:] for r in result.records]
+
+
+def last_results(graphs: int = 1) -> list[PassResult]:
+    """The pass results (records, shared and fused counts) of recent graphs."""
+    return list(_LAST_RESULTS[-graphs:])
 
 
 def reset_records() -> None:
     """Forget recorded compilations (tests call this between models)."""
-    _LAST_RECORDS.clear()
+    _LAST_RESULTS.clear()

@@ -13,29 +13,30 @@ from typing import Any
 import torch
 
 from .config import QSparseConfig
-from .passes import RewrittenProjection, WeightTable, sparsify_graph
+from .passes import RewrittenProjection, WeightTable, run_passes
 
 
 def sparsify_exported_with_records(
-    ep: torch.export.ExportedProgram, config: QSparseConfig
+    ep: torch.export.ExportedProgram, config: QSparseConfig, fuse: bool = True
 ) -> tuple[torch.export.ExportedProgram, list[RewrittenProjection]]:
     """As :func:`sparsify_exported`, also returning what was done to each projection."""
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"sparsify_exported: expected a torch.export.ExportedProgram, got "
                         f"{type(ep).__name__}")
     ep = copy.deepcopy(ep)
-    records = sparsify_graph(ep.graph_module, WeightTable.from_export(ep), config)
-    ep.graph_module.graph.lint()
-    return ep, records
+    result = run_passes(ep.graph_module, WeightTable.from_export(ep), config, fuse=fuse)
+    return ep, result.records
 
 
 def sparsify_exported(ep: torch.export.ExportedProgram,
-                      config: QSparseConfig | None = None, **options: Any
-                      ) -> torch.export.ExportedProgram:
+                      config: QSparseConfig | None = None, *, fuse: bool = True,
+                      **options: Any) -> torch.export.ExportedProgram:
     """Return a copy of ``ep`` with every projection's input sparsified.
 
-    Options are those of :class:`QSparseConfig` (or pass a config). Example::
+    Options are those of :class:`QSparseConfig` (or pass a config); ``fuse=False`` skips the
+    norm fusion and input sharing. Example::
 
         ep2 = sparsify_exported(torch.export.export(model, (ids,)), sparsity=0.5)
     """
-    return sparsify_exported_with_records(ep, QSparseConfig.from_options(config, **options))[0]
+    config = QSparseConfig.from_options(config, **options)
+    return sparsify_exported_with_records(ep, config, fuse=fuse)[0]

@@ -1,13 +1,15 @@
 """The ``qsparse`` operator library: custom ops registered with ``torch.library``.
 
 Importing this package registers ``torch.ops.qsparse.*``: ``topk_mask``, ``block_mask``,
-``topk_sparsify``, ``block_sparsify``, ``int8_fake_quant``, ``ternary_fake_quant`` and
-``sparse_linear``. Each has a CPU implementation, a fake (meta) implementation for tracing, and
-an autograd formula (straight-through for the sparsifiers and quantizers).
+``topk_sparsify``, ``block_sparsify``, ``int8_fake_quant``, ``ternary_fake_quant``,
+``sparse_linear`` and ``norm_sparsify`` (fused norm + sparsify + quant). Each has a CPU
+implementation, a fake (meta) implementation for tracing, and an autograd formula
+(straight-through for the sparsifiers and quantizers).
 """
 
 from .linear import sparse_linear
 from .mask import block_mask, topk_mask
+from .norm_sparsify import norm_sparsify
 from .quant import int8_fake_quant, ternary_fake_quant
 from .sparsify import block_sparsify, topk_sparsify
 
@@ -19,4 +21,5 @@ __all__ = [
     "int8_fake_quant",
     "ternary_fake_quant",
     "sparse_linear",
+    "norm_sparsify",
 ]

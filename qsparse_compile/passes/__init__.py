@@ -1,8 +1,20 @@
-"""Graph passes: find projections, rewrite them to ``qsparse`` ops."""
+"""Graph passes: find projections, rewrite them to ``qsparse`` ops, share and fuse."""
 
+from .fuse_norm import fuse_norm_sparsify
+from .pipeline import PassResult, run_passes
 from .projections import Projection, find_projections
 from .rewrite import RewrittenProjection, sparsify_graph
+from .share_inputs import share_sparsify_inputs
 from .weights import WeightTable
 
-__all__ = ["Projection", "find_projections", "RewrittenProjection", "sparsify_graph",
-           "WeightTable"]
+__all__ = [
+    "Projection",
+    "find_projections",
+    "RewrittenProjection",
+    "sparsify_graph",
+    "share_sparsify_inputs",
+    "fuse_norm_sparsify",
+    "PassResult",
+    "run_passes",
+    "WeightTable",
+]

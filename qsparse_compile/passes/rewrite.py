@@ -15,10 +15,10 @@ import warnings
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
 from ..config import ProjectionPlan, QSparseConfig, topk_count
+from .graph_utils import insert_call
 from .projections import Projection, find_projections, tensor_meta
 from .weights import WeightTable
 
@@ -55,33 +55,8 @@ def plan_projection(proj: Projection, config: QSparseConfig) -> tuple[Projection
     return plan, topk_count(proj.in_features, plan.sparsity), ""
 
 
-def _copy_meta(new: torch.fx.Node, like: torch.fx.Node) -> None:
-    """Give an inserted node the tracer metadata later stages read (fake value, module)."""
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in like.meta:
-            new.meta[key] = like.meta[key]
-    value_key = "val" if "val" in like.meta else "example_value"
-    args = torch.fx.node.map_arg(new.args, tensor_meta)
-    first = args[0]
-    fake_mode = detect_fake_mode([first]) if isinstance(first, torch.Tensor) else None
-    if fake_mode is None:
-        return
-    with fake_mode:
-        # Dynamo may record parameters under another fake mode than activations: re-create
-        # such tensors (static shapes) in the activation's mode so the op can run on them.
-        args = torch.utils._pytree.tree_map_only(
-            torch.Tensor,
-            lambda t: t if getattr(t, "fake_mode", None) is fake_mode else torch.empty_strided(
-                t.shape, t.stride(), dtype=t.dtype, device=t.device),
-            args,
-        )
-        new.meta[value_key] = new.target(*args)
-
-
 def _insert(graph: torch.fx.Graph, target, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
-    node = graph.call_function(target, args)
-    _copy_meta(node, like)
-    return node
+    return insert_call(graph, target, args, like)
 
 
 def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
