@@ -8,6 +8,7 @@ survives ``torch.export.save`` / ``torch.export.load`` in any process that impor
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -23,7 +24,10 @@ def sparsify_exported_with_records(
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"sparsify_exported: expected a torch.export.ExportedProgram, got "
                         f"{type(ep).__name__}")
-    ep = copy.deepcopy(ep)
+    with warnings.catch_warnings():
+        # copying the program's pytree specs trips a deprecation inside torch itself
+        warnings.simplefilter("ignore", FutureWarning)
+        ep = copy.deepcopy(ep)
     result = run_passes(ep.graph_module, WeightTable.from_export(ep), config, fuse=fuse)
     return ep, result.records
 

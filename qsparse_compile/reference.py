@@ -26,6 +26,8 @@ __all__ = [
     "sparsify_input",
     "projection",
     "reference_model",
+    "rms_norm",
+    "norm_sparsify",
 ]
 
 
@@ -113,6 +115,30 @@ def ternary_fake_quant(w: torch.Tensor) -> torch.Tensor:
     alpha = wf.abs().mean().clamp_min(1e-5)
     q = torch.clamp(torch.round(wf / alpha), -1, 1)
     return _StraightThrough.apply(w, (q * alpha).to(w.dtype), None, None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: ``w * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)``."""
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if weight is None else weight * out
+
+
+def norm_sparsify(x: torch.Tensor, norm: str, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, eps: float, k: int, n: int, m: int,
+                  rescale: bool, quant: bool, ste: bool) -> torch.Tensor:
+    """What ``qsparse::norm_sparsify`` fuses: ``int8?(sparsify(norm(x)))``, unfused.
+
+    ``m == 0`` selects top-``k``; otherwise block ``n:m``. Gradients flow through the norm by
+    autograd and straight through the sparsifier and quantizer.
+    """
+    if norm == "rms":
+        h = rms_norm(x, weight, eps)
+    else:
+        h = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    mode = "l2" if rescale else "none"
+    out = block_sparsify(h, n, m, mode, ste) if m else topk_sparsify(h, k, mode, ste)
+    return int8_fake_quant(out) if quant else out
 
 
 def sparsify_input(x: torch.Tensor, plan: ProjectionPlan, config: QSparseConfig) -> torch.Tensor:
