@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-METHODS = ("topk", "block")
+METHODS = ("topk", "block", "relu")
 RESCALES = ("none", "l2")
 QUANTS = (None, "int8", "bitnet")
 
@@ -86,7 +86,9 @@ class QSparseConfig:
         overrides: per-projection sparsity by glob over module paths, e.g.
             ``{"*.mlp.down_proj": 0.6, "*.layers.0.*": None}``; ``None`` leaves it dense.
             The last matching glob wins.
-        method: ``"topk"`` (per-row top-K by magnitude) or ``"block"`` (N:M inside groups).
+        method: ``"topk"`` (per-row top-K by magnitude), ``"block"`` (N:M inside groups), or
+            ``"relu"``: the ReLU-sparsity baseline the paper compares against (``relu(x)``;
+            its sparsity depends on the data, so no sparsity value may be given).
         block: ``(n, m)`` for ``method="block"``: keep ``n`` of every ``m`` consecutive entries.
         rescale: ``"none"`` or ``"l2"`` (keep each row's L2 norm after masking).
         quant: ``None``, ``"int8"`` (per-row absmax activations) or ``"bitnet"`` (int8
@@ -95,6 +97,9 @@ class QSparseConfig:
         exclude: globs of module paths left dense; default: the output head.
         strict: raise instead of warning when a projection cannot take the configuration
             (for example an input width that is not a multiple of ``m``).
+        relu2_glu: replace the gate activation of GLU feed-forwards (``act(gate(x)) * up(x)``
+            with SiLU/GELU) by the squared ReLU, ``relu(gate(x))**2`` (DESIGN.md point 9):
+            for training from scratch; pretrained models keep their activation.
     """
 
     sparsity: float | None = None
@@ -106,6 +111,7 @@ class QSparseConfig:
     ste: bool = True
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     strict: bool = False
+    relu2_glu: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
@@ -122,7 +128,7 @@ class QSparseConfig:
             raise ValueError(
                 f"option 'quant': got {self.quant!r}, allowed: {', '.join(map(repr, QUANTS))}"
             )
-        for name in ("ste", "strict"):
+        for name in ("ste", "strict", "relu2_glu"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"option {name!r}: must be True or False, got {getattr(self, name)!r}"
@@ -144,6 +150,15 @@ class QSparseConfig:
                 set_(self, "sparsity", given)
             else:
                 set_(self, "sparsity", implied)
+        elif self.method == "relu":
+            if self.block is not None or self.sparsity not in (None, 0, 0.0):
+                raise ValueError(
+                    f"option 'sparsity'/'block': got sparsity={self.sparsity!r}, "
+                    f"block={self.block!r} with method='relu', whose sparsity is whatever "
+                    f"the data gives; leave both out (or sparsity=0 for dense)"
+                )
+            if self.sparsity is not None:
+                set_(self, "sparsity", 0.0)
         else:
             if self.block is not None:
                 raise ValueError(
@@ -165,6 +180,9 @@ class QSparseConfig:
             if value is None:
                 overrides[glob] = None
                 continue
+            if self.method == "relu" and value != 0:
+                raise ValueError(f"{where}: got {value!r} with method='relu'; allowed: "
+                                 f"0 or None (dense)")
             s = check_sparsity(value, where)
             if self.method == "block" and s != 0.0:
                 implied = 1.0 - self.block[0] / self.block[1]
@@ -199,10 +217,12 @@ class QSparseConfig:
         """Resolve the configuration for the projection at module path ``path``."""
         if any(fnmatch.fnmatchcase(path, glob) for glob in self.exclude):
             return ProjectionPlan(None, None, None)
-        sparsity = self.sparsity
-        for glob, value in self.overrides.items():
-            if fnmatch.fnmatchcase(path, glob):
-                sparsity = value
+        matched = [v for glob, v in self.overrides.items() if fnmatch.fnmatchcase(path, glob)]
+        sparsity = matched[-1] if matched else self.sparsity  # the last matching glob wins
+        if self.method == "relu":
+            # no sparsity value to resolve: on unless the global option or an override is 0/None
+            off = (matched and not matched[-1]) or (not matched and self.sparsity == 0.0)
+            return ProjectionPlan(None, None, None) if off else ProjectionPlan("relu", None, None)
         if sparsity is None or sparsity == 0.0:
             return ProjectionPlan(None, None, None)
         if self.method == "block":

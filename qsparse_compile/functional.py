@@ -23,6 +23,8 @@ def sparsify_with_plan(x: torch.Tensor, plan: ProjectionPlan,
     if plan.method == "block":
         n, m = plan.block
         out = qsparse.block_sparsify(x, n, m, rescale, config.ste)
+    elif plan.method == "relu":
+        out = torch.relu(x)
     else:
         out = qsparse.topk_sparsify(x, topk_count(x.shape[-1], plan.sparsity), rescale, config.ste)
     if config.quant in ("int8", "bitnet"):

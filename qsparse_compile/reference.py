@@ -148,6 +148,8 @@ def sparsify_input(x: torch.Tensor, plan: ProjectionPlan, config: QSparseConfig)
     if plan.method == "block":
         n, m = plan.block
         out = block_sparsify(x, n, m, config.rescale, config.ste)
+    elif plan.method == "relu":
+        out = torch.relu(x)  # the baseline: an ordinary ReLU, ordinary gradient
     else:
         out = topk_sparsify(x, topk_count(x.shape[-1], plan.sparsity), config.rescale, config.ste)
     if config.quant in ("int8", "bitnet"):

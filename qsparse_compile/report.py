@@ -27,6 +27,9 @@ def projection_row(path: str, in_features: int, out_features: int, plan: Project
         method, sparsity, kept = "dense", 0.0, in_features
     elif plan.method == "block":
         method, sparsity, kept = f"block {plan.block[0]}:{plan.block[1]}", plan.sparsity, k
+    elif plan.method == "relu":
+        # data-dependent: count every weight as activated (an upper bound), measure to know
+        method, sparsity, kept = "relu", 0.0, in_features
     else:
         method, sparsity, kept = "topk", plan.sparsity, k
     return {

@@ -28,8 +28,12 @@ class TinyLlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    hidden_act: str = "silu"  # or "relu2": the squared-ReLU GLU Q-Sparse trains with
 
     def __post_init__(self) -> None:
+        if self.hidden_act not in ("silu", "relu2"):
+            raise ValueError(f"TinyLlamaConfig: hidden_act must be 'silu' or 'relu2', got "
+                             f"{self.hidden_act!r}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"TinyLlamaConfig: hidden_size ({self.hidden_size}) must be a multiple of "
@@ -84,16 +88,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """GLU feed-forward: ``down(act(gate(x)) * up(x))``, SiLU (SwiGLU) or squared ReLU."""
 
     def __init__(self, cfg: TinyLlamaConfig):
         super().__init__()
+        self.relu2 = cfg.hidden_act == "relu2"
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = torch.relu(gate).square() if self.relu2 else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):

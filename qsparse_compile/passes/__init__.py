@@ -3,6 +3,7 @@
 from .fuse_norm import fuse_norm_sparsify
 from .pipeline import PassResult, run_passes
 from .projections import Projection, find_projections
+from .relu2_glu import relu2_glu
 from .rewrite import RewrittenProjection, sparsify_graph
 from .share_inputs import share_sparsify_inputs
 from .weights import WeightTable
@@ -16,5 +17,6 @@ __all__ = [
     "fuse_norm_sparsify",
     "PassResult",
     "run_passes",
+    "relu2_glu",
     "WeightTable",
 ]

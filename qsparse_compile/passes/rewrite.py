@@ -52,6 +52,8 @@ def plan_projection(proj: Projection, config: QSparseConfig) -> tuple[Projection
             warnings.warn(msg + "; left dense", stacklevel=3)
             return ProjectionPlan(None, None, None), None, "width not a multiple of m"
         return plan, n * (proj.in_features // m), ""
+    if plan.method == "relu":
+        return plan, None, "sparsity depends on the data"
     return plan, topk_count(proj.in_features, plan.sparsity), ""
 
 
@@ -80,6 +82,8 @@ def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
                     n, m = plan.block
                     xs = _insert(graph, qsparse.block_sparsify.default,
                                  (proj.x, n, m, rescale, config.ste), node)
+                elif plan.method == "relu":
+                    xs = _insert(graph, aten.relu.default, (proj.x,), node)
                 else:
                     xs = _insert(graph, qsparse.topk_sparsify.default,
                                  (proj.x, k, rescale, config.ste), node)
