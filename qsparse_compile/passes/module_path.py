@@ -6,7 +6,10 @@ import re
 
 import torch.fx
 
-_PREFIXES = ("L['self'].", "L['self']", "L__self__.", "L__self___", "self.")
+# Dynamo names the compiled root ``L['self']``, or ``L['fn']`` when the root is a torch.nn
+# module such as ``nn.Sequential`` (it traces the module's ``__call__``).
+_PREFIXES = ("L['self'].", "L['self']", "L['fn'].", "L['fn']", "L__self__.", "L__self___",
+             "self.")
 _INDEX = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 
 #: Last path component -> role, for the naming conventions of common model families.
@@ -60,7 +63,9 @@ def projection_path(node: torch.fx.Node, weight_name: str | None) -> str:
         if weight is None:
             return node.name
         return weight[: -len(".weight")] if weight.endswith(".weight") else weight
-    if weight and weight.startswith(module + ".") and weight != module + ".weight":
+    # the root module has path "" (export records it; Dynamo leaves it out of the stack)
+    inside = weight is not None and (module == "" or weight.startswith(module + "."))
+    if inside and weight != (f"{module}.weight" if module else "weight"):
         return weight
     return module
 
@@ -71,9 +76,14 @@ def role_of(path: str) -> str:
     leaf = parts[-1]
     parent = parts[-2] if len(parts) > 1 else ""
     if leaf in ("c_proj", "dense", "proj"):
-        # GPT-2 / BERT reuse one name for attention-out and MLP-down: the parent decides.
-        if parent in _ATTENTION_PARENTS:
+        # GPT-2 / BERT reuse one name for attention-out and MLP-down: the parent decides
+        # (BERT: attention.output.dense is attention-out, intermediate.dense is MLP-up).
+        grandparent = parts[-3] if len(parts) > 2 else ""
+        if parent in _ATTENTION_PARENTS or (
+                parent == "output" and grandparent in _ATTENTION_PARENTS):
             return "o"
+        if parent == "intermediate":
+            return "up"
         if parent in ("mlp", "ffn", "feed_forward", "output"):
             return "down"
         return "other"

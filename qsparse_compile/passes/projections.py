@@ -3,8 +3,9 @@
 Recognised spellings, at the torch level (Dynamo) and the ATen level (``torch.export``):
 ``F.linear`` / ``aten.linear``; ``matmul`` / ``mm`` / ``@`` with the weight, or its transpose,
 on the right; ``addmm(b, x, W)`` (GPT-2's ``Conv1D``, weight stored ``[in, out]``, and
-decomposed ``linear``). A product whose right operand is not a weight (attention scores,
-attention times values) is not a projection and is never returned.
+decomposed ``linear``); ``bmm(x, W^T expanded over the batch)`` (how the ATen decomposition
+spells a ``linear`` whose 3-D input is not contiguous). A product whose right operand is not
+a weight (attention scores, attention times values) is not a projection and is never returned.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ aten = torch.ops.aten
 _LINEAR = {torch._C._nn.linear, F.linear, aten.linear.default}
 _MATMUL = {torch.matmul, operator.matmul, aten.matmul.default, torch.mm, aten.mm.default}
 _ADDMM = {torch.addmm, aten.addmm.default}
+_BMM = {torch.bmm, aten.bmm.default}
+_BROADCASTS = {aten.expand.default, aten.view.default, aten._unsafe_view.default,
+               aten.reshape.default}
 _MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
 _TRANSPOSE_FUNCS = {torch.t, aten.t.default, aten.numpy_T.default}
 
@@ -102,6 +106,29 @@ def _weight_operand(rhs: object, weights: WeightTable) -> tuple[torch.fx.Node, s
     return (base, "out_in") if base is not None else None
 
 
+def _batch_broadcast_weight(rhs: object, weights: WeightTable
+                            ) -> tuple[torch.fx.Node, str] | None:
+    """The weight operand under ``view(expand(w, [b, in, out]), [b, in, out])``.
+
+    Every wrapper must keep the weight's two dimensions as its last two, so the batch
+    dimension is a pure broadcast of one matrix and ``bmm`` is ``b`` copies of ``x @ w``.
+    """
+    node = rhs
+    meta = tensor_meta(rhs)
+    if meta is None or meta.dim() != 3:
+        return None
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" \
+            and node.target in _BROADCASTS and node.args:
+        out = tensor_meta(node)
+        if out is None or tuple(out.shape[-2:]) != tuple(meta.shape[-2:]):
+            return None
+        node = node.args[0]
+    base = tensor_meta(node)
+    if base is None or base.dim() != 2 or tuple(base.shape) != tuple(meta.shape[-2:]):
+        return None
+    return _weight_operand(node, weights)
+
+
 def _match(node: torch.fx.Node, weights: WeightTable):
     """(x, weight, layout, bias) if ``node`` is a projection, else None."""
     if node.op == "call_function" and node.target in _LINEAR:
@@ -123,6 +150,11 @@ def _match(node: torch.fx.Node, weights: WeightTable):
         found = _weight_operand(node.args[2], weights)
         if found is not None:
             return node.args[1], found[0], found[1], node.args[0]
+    if node.op == "call_function" and node.target in _BMM and len(node.args) == 2:
+        x_meta = tensor_meta(node.args[0])
+        found = _batch_broadcast_weight(node.args[1], weights)
+        if found is not None and x_meta is not None and x_meta.dim() == 3:
+            return node.args[0], found[0], found[1], None
     return None
 
 

@@ -67,12 +67,16 @@ def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
     graph = gm.graph
     records: list[RewrittenProjection] = []
     shared: dict[tuple, torch.fx.Node] = {}
+    # Outputs replaced so far: a projection that reads another projection's output directly
+    # (two in a row) was found before that node was replaced, so its input is looked up here.
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     for proj in find_projections(gm, weights):
         plan, k, note = plan_projection(proj, config)
         records.append(RewrittenProjection(proj, plan, k, note))
         if plan.dense:
             continue
         node = proj.node
+        proj.x = replaced.get(proj.x, proj.x)
         with graph.inserting_before(node):
             key = (proj.x, plan.method, k, plan.block)
             xs = shared.get(key)
@@ -104,6 +108,7 @@ def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
             if extra_bias is not None:
                 y = _insert(graph, aten.add.Tensor, (y, extra_bias), node)
         node.replace_all_uses_with(y)
+        replaced[node] = y
         graph.erase_node(node)
     graph.eliminate_dead_code()
     gm.recompile()

@@ -27,7 +27,7 @@ _SOURCE_PART = re.compile(
 def source_to_path(source_name: str) -> str:
     """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``."""
     body = source_name
-    for prefix in ("L['self']", "L['mod']", "L['model']", "G['self']"):
+    for prefix in ("L['self']", "L['fn']", "L['mod']", "L['model']", "G['self']"):
         if body.startswith(prefix):
             body = body[len(prefix):]
             break
@@ -42,8 +42,10 @@ def source_to_path(source_name: str) -> str:
 class WeightTable:
     """Maps the constant-weight nodes of a graph to their qualified names."""
 
-    def __init__(self, names: Mapping[torch.fx.Node, str]):
+    def __init__(self, names: Mapping[torch.fx.Node, str],
+                 values: Mapping[torch.fx.Node, torch.Tensor] | None = None):
         self._names = dict(names)
+        self._values = dict(values or {})
 
     def is_weight(self, node: object) -> bool:
         return isinstance(node, torch.fx.Node) and node in self._names
@@ -51,10 +53,19 @@ class WeightTable:
     def name(self, node: torch.fx.Node) -> str:
         return self._names[node]
 
+    def value(self, node: torch.fx.Node) -> torch.Tensor | None:
+        """The real tensor behind a weight node, where the graph's source provides it.
+
+        Passes that prepare weights once at compile time (a K-major copy for a decode kernel)
+        read it here; None where only the graph's fake tensors are known.
+        """
+        return self._values.get(node)
+
     @classmethod
     def from_dynamo(cls, gm: torch.fx.GraphModule, example_inputs) -> WeightTable:
         """Placeholders that hold parameters or buffers (Dynamo backend input)."""
         names: dict[torch.fx.Node, str] = {}
+        values: dict[torch.fx.Node, torch.Tensor] = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, example in zip(placeholders, example_inputs, strict=False):
             grapharg = node.meta.get("grapharg")
@@ -65,8 +76,10 @@ class WeightTable:
             from_module = "_parameters[" in source_name or "_buffers[" in source_name
             if isinstance(example, torch.nn.Parameter) or from_module:
                 names[node] = source_to_path(source_name) or node.name
+                if isinstance(example, torch.Tensor):
+                    values[node] = example
         names.update(_get_attrs(gm))
-        return cls(names)
+        return cls(names, values)
 
     @classmethod
     def from_export(cls, ep: torch.export.ExportedProgram) -> WeightTable:
