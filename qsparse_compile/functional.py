@@ -10,6 +10,7 @@ import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.qsparse)
 from .config import ProjectionPlan, QSparseConfig, topk_count
+from .ops.checks import check_float
 
 qsparse = torch.ops.qsparse
 
@@ -42,6 +43,7 @@ def sparsify(x: torch.Tensor, sparsity: float | None = None, **options) -> torch
         y = sparsify(x, method="block", block=(2, 4))      # 2:4
     """
     config = QSparseConfig.from_options(options, sparsity=sparsity)
+    check_float("sparsify", "x", x)  # also when the plan is dense: no silent pass-through
     return sparsify_with_plan(x, config.plan_for(""), config)
 
 

@@ -41,7 +41,8 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the top-``k`` magnitudes per row (DESIGN.md point 2)."""
     check_float("topk_mask", "x", x)
     check_k("topk_mask", k, x.shape[-1])
-    return select_top(magnitude_key(x), k)
+    # contiguous, as the fake promises: a permuted input would otherwise give a permuted mask
+    return select_top(magnitude_key(x), k).contiguous()
 
 
 @topk_mask.register_fake
@@ -56,7 +57,7 @@ def block_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
     check_float("block_mask", "x", x)
     check_block("block_mask", n, m, x.shape[-1])
     key = magnitude_key(x).reshape(*x.shape[:-1], x.shape[-1] // m, m)
-    return select_top(key, n).reshape(x.shape)
+    return select_top(key, n).reshape(x.shape).contiguous()
 
 
 @block_mask.register_fake

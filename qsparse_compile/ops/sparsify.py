@@ -39,13 +39,13 @@ def topk_sparsify(x: torch.Tensor, k: int, rescale: bool, ste: bool) -> torch.Te
     """Keep the ``k`` largest magnitudes of each row of ``x``; zero the rest."""
     check_float("topk_sparsify", "x", x)
     check_k("topk_sparsify", k, x.shape[-1])
-    return apply_mask(x, topk_mask(x, k), rescale)
+    return apply_mask(x, topk_mask(x, k), rescale).contiguous()
 
 
 @topk_sparsify.register_fake
 def _(x: torch.Tensor, k: int, rescale: bool, ste: bool) -> torch.Tensor:
     check_float("topk_sparsify", "x", x)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous whatever x's layout, like the real output
 
 
 def _topk_setup(ctx, inputs, output) -> None:
@@ -73,13 +73,13 @@ def block_sparsify(x: torch.Tensor, n: int, m: int, rescale: bool, ste: bool) ->
     """Keep the ``n`` largest magnitudes in every group of ``m`` consecutive entries."""
     check_float("block_sparsify", "x", x)
     check_block("block_sparsify", n, m, x.shape[-1])
-    return apply_mask(x, block_mask(x, n, m), rescale)
+    return apply_mask(x, block_mask(x, n, m), rescale).contiguous()
 
 
 @block_sparsify.register_fake
 def _(x: torch.Tensor, n: int, m: int, rescale: bool, ste: bool) -> torch.Tensor:
     check_float("block_sparsify", "x", x)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous whatever x's layout, like the real output
 
 
 def _block_setup(ctx, inputs, output) -> None:
