@@ -6,6 +6,18 @@ each captured graph; we rewrite its projections, share and fuse (:func:`passes.r
 ``fuse=False`` stops after the rewrite) and pass the result to the inner compiler: Inductor's
 ``compile_fx`` by default (which runs AOTAutograd, so training works through the ops'
 straight-through gradients), or ``inner="eager"`` to run the rewritten graph as it is.
+
+Backend options, given in ``options`` beside the sparsity options:
+
+* ``inner``: ``"inductor"`` (default) or ``"eager"``: the compiler the rewritten graph goes to.
+* ``fuse``: ``True`` (default) or ``False``: share one sparsify among projections reading the
+  same tensor and fuse norm + sparsify (+ quant) into one op.
+* ``decode``: ``True`` (default) or ``False``: for graphs compiled for inference (grad mode
+  off) on CPU weights with few rows per call (decode), replace each group of projections that
+  read one sparsified tensor (q/k/v, gate/up, o, down) by one ``qsparse::cpu_topk_linear``: the
+  selection fused into a CPU sparse GEMV over the group's concatenated, K-major weights,
+  prepared once at compile time (:mod:`passes.cpu_decode`). A measured cost model decides per
+  group whether it beats the dense product; ``False`` keeps the generic ops.
 """
 
 from __future__ import annotations
@@ -16,11 +28,11 @@ from typing import Any
 import torch
 import torch.fx
 
-from .config import QSparseConfig
+from .config import OPTION_NAMES, QSparseConfig
 from .passes import PassResult, RewrittenProjection, WeightTable, run_passes
 
 INNER_COMPILERS = ("inductor", "eager")
-BACKEND_OPTIONS = ("inner", "fuse")
+BACKEND_OPTIONS = ("inner", "fuse", "decode")
 
 #: The projections rewritten by the most recent graphs compiled in this process, newest last.
 #: Read it with :func:`last_compiled`; it is what ``report`` shows for a compiled model.
@@ -28,11 +40,19 @@ _LAST_RESULTS: list[PassResult] = []
 
 
 def split_options(options: QSparseConfig | Mapping[str, Any] | None
-                  ) -> tuple[QSparseConfig, str, bool]:
-    """Separate backend options (``inner``, ``fuse``) from sparsity options; validate all."""
+                  ) -> tuple[QSparseConfig, str, bool, bool]:
+    """Separate backend options (``inner``, ``fuse``, ``decode``) from sparsity options;
+    validate all. Returns ``(config, inner, fuse, decode)``."""
     if isinstance(options, QSparseConfig):
-        return options, "inductor", True
+        return options, "inductor", True, True
     opts = dict(options or {})
+    unknown = sorted(set(opts) - set(OPTION_NAMES) - set(BACKEND_OPTIONS))
+    if unknown:
+        # checked here, not by the config, so the allowed list names the backend's options too
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(OPTION_NAMES + BACKEND_OPTIONS)}"
+        )
     inner = opts.pop("inner", "inductor")
     if inner not in INNER_COMPILERS:
         raise ValueError(
@@ -41,7 +61,10 @@ def split_options(options: QSparseConfig | Mapping[str, Any] | None
     fuse = opts.pop("fuse", True)
     if not isinstance(fuse, bool):
         raise TypeError(f"option 'fuse': must be True or False, got {fuse!r}")
-    return QSparseConfig.from_options(opts), inner, fuse
+    decode = opts.pop("decode", True)
+    if not isinstance(decode, bool):
+        raise TypeError(f"option 'decode': must be True or False, got {decode!r}")
+    return QSparseConfig.from_options(opts), inner, fuse, decode
 
 
 def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
@@ -51,8 +74,9 @@ def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
     if kwargs.get("mode") not in (None, "default"):
         raise ValueError(f"backend 'qsparse': mode={kwargs['mode']!r} is not supported; "
                          f"pass settings through options=")
-    config, inner, fuse = split_options(options)
-    result = run_passes(gm, WeightTable.from_dynamo(gm, example_inputs), config, fuse=fuse)
+    config, inner, fuse, decode = split_options(options)
+    result = run_passes(gm, WeightTable.from_dynamo(gm, example_inputs), config, fuse=fuse,
+                        decode=decode)
     _LAST_RESULTS.append(result)
     del _LAST_RESULTS[:-64]  # keep memory bounded under many recompilations
     if inner == "eager":

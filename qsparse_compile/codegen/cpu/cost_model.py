@@ -16,6 +16,12 @@ The sparse time is then modelled as ``a + b * rows_read`` (a fixed cost for the 
 thread team plus a streaming cost proportional to the weight bytes read), which is what the
 kernel does, and :func:`choose_sparse` compares it with the dense time.
 
+``kernel="topk_linear"`` asks the same question of the fused decode op
+``qsparse::cpu_topk_linear`` (selection inside the sparse GEMV, dense activations in). Its
+alternative is not a bare dense product: the model must still be sparsified, so the dense side
+is the op's own fallback (the generic ``topk_sparsify`` op, then a dense ``addmm``), and the
+sparse side includes the selection. Only 1..8 rows are measured (more always fall back).
+
 Calibrations are cached in memory and on disk (``<cache>/cpu/cost_model/*.json``, keyed by shape,
 dtype, tokens, threads, host CPU, torch version and kernel source), so each shape is measured once
 per machine; one calibration costs a few dozen kernel calls (0.1–1 s for 7B-model shapes on 2
@@ -37,9 +43,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import topk_linear_op
 from .compiler import cache_dir, host_fingerprint
 from .sparse_gemv_op import MAX_TOKENS, default_spec
 from .sparse_gemv_template import SUPPORTED_DTYPES, render
+from .topk_linear_template import MAX_ROWS
+from .topk_linear_template import render as render_topk_linear
 
 __all__ = [
     "CacheFlusher",
@@ -54,6 +63,10 @@ __all__ = [
 #: points models every other fraction. Far enough apart that noise barely moves the slope.
 CALIBRATION_DENSITIES = (0.25, 0.75)
 
+#: The kernels the model can be asked about: the sparse GEMV on an already-sparse input
+#: (``qsparse::cpu_sparse_gemv``) or the fused selection + GEMV (``qsparse::cpu_topk_linear``).
+KERNELS = ("sparse_gemv", "topk_linear")
+
 _memory_cache: dict[str, Calibration] = {}
 
 
@@ -64,9 +77,11 @@ class Calibration:
     Attributes:
         in_features, out_features, tokens, dtype, threads: what was measured (``dtype`` as its
             name, e.g. ``"float32"``).
-        dense_ms: dense ``F.linear``.
+        dense_ms: dense ``F.linear`` (``kernel="topk_linear"``: the op's fallback, generic
+            sparsify + dense ``addmm``).
         sparse_ms: the sparse kernel at each fraction in ``densities`` of weight rows read.
         densities: the fractions of rows read that ``sparse_ms`` belongs to.
+        kernel: which kernel ``sparse_ms`` timed, one of ``KERNELS``.
     """
 
     in_features: int
@@ -77,6 +92,7 @@ class Calibration:
     dense_ms: float
     sparse_ms: tuple[float, ...]
     densities: tuple[float, ...] = CALIBRATION_DENSITIES
+    kernel: str = "sparse_gemv"
 
     def predict_sparse_ms(self, rows_read: float) -> float:
         """The sparse kernel's time when it reads the fraction ``rows_read`` of weight rows."""
@@ -99,7 +115,8 @@ def rows_read_fraction(density: float, tokens: int) -> float:
     return 1.0 - (1.0 - density) ** min(tokens, MAX_TOKENS)
 
 
-def _check_args(in_features: int, out_features: int, tokens: int, dtype: torch.dtype) -> None:
+def _check_args(in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
+                kernel: str = "sparse_gemv") -> None:
     for label, value in (("in_features", in_features), ("out_features", out_features),
                          ("tokens", tokens)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -107,23 +124,37 @@ def _check_args(in_features: int, out_features: int, tokens: int, dtype: torch.d
     if dtype not in SUPPORTED_DTYPES:
         allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise TypeError(f"cost model: dtype {dtype} is not supported; allowed: {allowed}")
+    if kernel not in KERNELS:
+        raise ValueError(f"cost model: kernel must be one of {', '.join(map(repr, KERNELS))}, "
+                         f"got {kernel!r}")
+    if kernel == "topk_linear" and tokens > MAX_ROWS:
+        raise ValueError(f"cost model: kernel 'topk_linear' takes at most {MAX_ROWS} rows per "
+                         f"call (more always fall back), got tokens={tokens}")
 
 
-def _key(in_features: int, out_features: int, tokens: int, dtype: torch.dtype) -> str:
-    return _key_for_threads(in_features, out_features, tokens, dtype, torch.get_num_threads())
+def _key(in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
+         kernel: str = "sparse_gemv") -> str:
+    return _key_for_threads(in_features, out_features, tokens, dtype, torch.get_num_threads(),
+                            kernel)
 
 
 @functools.cache
 def _key_for_threads(
-    in_features: int, out_features: int, tokens: int, dtype: torch.dtype, threads: int
+    in_features: int, out_features: int, tokens: int, dtype: torch.dtype, threads: int,
+    kernel: str = "sparse_gemv",
 ) -> str:
     # the kernel's source is part of the key: retuning the kernel invalidates old timings
-    kernel = render(default_spec(dtype, min(tokens, MAX_TOKENS)))
+    if kernel == "topk_linear":
+        source = render_topk_linear(topk_linear_op.default_spec(dtype, tokens))
+        prefix = "topk_linear_"
+    else:
+        source = render(default_spec(dtype, min(tokens, MAX_TOKENS)))
+        prefix = ""
     digest = hashlib.sha256(
-        "\0".join([kernel, host_fingerprint(), torch.__version__]).encode()
+        "\0".join([source, host_fingerprint(), torch.__version__]).encode()
     ).hexdigest()[:12]
     name = str(dtype).removeprefix("torch.")
-    return f"k{in_features}_n{out_features}_t{tokens}_{name}_th{threads}_{digest}"
+    return f"{prefix}k{in_features}_n{out_features}_t{tokens}_{name}_th{threads}_{digest}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,6 +188,55 @@ class CacheFlusher:
     def __call__(self) -> float:
         """Stream through the buffer; returns its sum so the read cannot be optimised away."""
         return float(self._buffer.sum())
+
+
+def _measure_topk_linear(
+    in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
+    repeats: int, budget_s: float,
+) -> Calibration:  # fmt: skip
+    """Time ``qsparse::cpu_topk_linear`` fused (two densities) and through its fallback."""
+    K, N = in_features, out_features
+    weight_t = torch.full((K, N), 0.01, dtype=dtype)  # constant values: see _measure
+    generator = torch.Generator().manual_seed(0)
+    op = torch.ops.qsparse.cpu_topk_linear.default
+
+    def activations() -> torch.Tensor:
+        # identical rows (fresh values every call): the union of their top-K masks is exactly
+        # k features, so the fraction of weight rows read is the density asked for
+        row = torch.randn(K, generator=generator).to(dtype)
+        return row.expand(tokens, K).contiguous()
+
+    ks = [max(1, round(d * K)) for d in CALIBRATION_DENSITIES]
+    flush = CacheFlusher()
+
+    def timed(fn) -> float:
+        flush()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    with torch.no_grad():
+        op(activations(), ks[0], 0, 0, False, weight_t, None, MAX_ROWS)  # build, fault pages
+        op(activations(), ks[0], 0, 0, False, weight_t, None, 0)
+        fallback: list[float] = []
+        sparse: list[list[float]] = [[] for _ in ks]
+        deadline = time.perf_counter() + budget_s
+        for i in range(repeats):
+            x = activations()
+            fallback.append(timed(lambda x=x: op(x, max(1, K // 2), 0, 0, False, weight_t,
+                                                  None, 0)))
+            for k, samples in zip(ks, sparse, strict=True):
+                x = activations()
+                samples.append(timed(lambda x=x, k=k: op(x, k, 0, 0, False, weight_t, None,
+                                                          MAX_ROWS)))
+            if i >= 2 and time.perf_counter() > deadline:
+                break
+    return Calibration(
+        in_features=K, out_features=N, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(), dense_ms=min(fallback),
+        sparse_ms=tuple(min(s) for s in sparse),
+        densities=tuple(k / K for k in ks), kernel="topk_linear",
+    )
 
 
 def _measure(
@@ -251,6 +331,7 @@ def calibrate(
     repeats: int = 5,
     budget_s: float = 0.5,
     use_cache: bool = True,
+    kernel: str = "sparse_gemv",
 ) -> Calibration:
     """Measure (or fetch the cached measurement of) dense vs sparse for one projection shape.
 
@@ -262,15 +343,18 @@ def calibrate(
         repeats: interleaved repetitions; the fastest of each path is kept.
         budget_s: stop repeating (after at least 3) once this much time is spent.
         use_cache: look up and store the result in memory and on disk.
+        kernel: ``"sparse_gemv"`` (sparse GEMV vs ``F.linear``) or ``"topk_linear"`` (the
+            fused selection + GEMV vs its fallback; ``tokens`` at most 8).
     """
-    _check_args(in_features, out_features, tokens, dtype)
-    key = _key(in_features, out_features, tokens, dtype)
+    _check_args(in_features, out_features, tokens, dtype, kernel)
+    key = _key(in_features, out_features, tokens, dtype, kernel)
     if use_cache:
         found = _memory_cache.get(key) or _read_disk(key)
         if found is not None:
             _memory_cache[key] = found
             return found
-    result = _measure(in_features, out_features, tokens, dtype, max(1, repeats), budget_s)
+    measure = _measure_topk_linear if kernel == "topk_linear" else _measure
+    result = measure(in_features, out_features, tokens, dtype, max(1, repeats), budget_s)
     if use_cache:
         _memory_cache[key] = result
         _write_disk(key, result)
@@ -285,6 +369,7 @@ def choose_sparse(
     density: float,
     *,
     min_speedup: float = 1.05,
+    kernel: str = "sparse_gemv",
 ) -> bool:
     """Whether the sparse GEMV beats dense ``F.linear`` for this projection on this machine.
 
@@ -296,10 +381,14 @@ def choose_sparse(
         density: fraction of each token's features kept, ``1 - sparsity``, in ``[0, 1]``.
         min_speedup: predicted speed-up required to choose the sparse kernel; the default
             demands a 5% margin so measurement noise does not flip a tie to the sparse path.
+        kernel: ``"sparse_gemv"`` or ``"topk_linear"`` (see :func:`calibrate`); the fused
+            kernel is never chosen for more than 8 rows.
 
     Returns:
-        ``True`` to run ``qsparse::cpu_sparse_gemv``, ``False`` to stay dense. The first call
-        for a shape measures it (see :func:`calibrate`); later calls are a dictionary look-up.
+        ``True`` to run the sparse kernel (``qsparse::cpu_sparse_gemv``, or the fused path of
+        ``qsparse::cpu_topk_linear``), ``False`` to stay dense (to take the fallback). The
+        first call for a shape measures it (see :func:`calibrate`); later calls are a
+        dictionary look-up.
     """
     if (
         isinstance(density, bool)
@@ -310,7 +399,9 @@ def choose_sparse(
             f"choose_sparse: density must be a number in [0, 1] (fraction of features kept, "
             f"1 - sparsity), got {density!r}"
         )
-    calibration = calibrate(in_features, out_features, tokens, dtype)
+    if kernel == "topk_linear" and tokens > MAX_ROWS:
+        return False
+    calibration = calibrate(in_features, out_features, tokens, dtype, kernel=kernel)
     return calibration.speedup(rows_read_fraction(float(density), tokens)) >= min_speedup
 
 

@@ -1,0 +1,321 @@
+"""End-to-end greedy decoding of SmolLM2-135M on the CPU: ``backend="qsparse"`` vs dense Inductor.
+
+Both paths decode the same prompt in the same process, alternating (dense first in even
+rounds, sparse first in odd ones) so that load from other processes hits both alike; each
+round times the decode loop only (the prompt's prefill is excluded). Reported: median tokens/s
+of each path, the median of the per-round ratios sparse/dense, and the *byte-count limit*: a
+memory-bound decode step reads every weight once, so the best possible speed-up is the ratio
+of weight bytes read per token, dense over sparse. Projections read ``k/D`` of their weight
+rows at sparsity ``s`` (``k = round((1-s) D)``); the output head stays dense and shares its
+matrix with the embedding, so it is counted once; norms and the embedding row are counted in
+both. "Fraction of the limit" is the measured ratio over that limit.
+
+The generated tokens of the sparse path are compared with the eager reference model
+(``qsparse_compile.reference.reference_model``, greedy, same prompt): they must be equal.
+
+Decode shapes are fixed with a transformers ``StaticCache``: every step is a ``[1, 1]`` call
+of ``model.forward`` with ``cache_position`` set, compiled once per path with
+``dynamic=False`` (prefill is a second graph). Both paths compile ``model.forward``; Dynamo
+keeps one cache entry per backend.
+
+    python benchmarks/smollm2_decode.py                  # 64 new tokens, 5 rounds
+    python benchmarks/smollm2_decode.py --quick          # 16 new tokens, 3 rounds
+    python benchmarks/smollm2_decode.py --json out.json  # also write every measurement
+    python benchmarks/smollm2_decode.py --profile        # add a per-op profile of one step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qsparse_compile.backend import last_results
+from qsparse_compile.config import QSparseConfig, topk_count
+from qsparse_compile.models.smollm2 import load_smollm2
+from qsparse_compile.passes import cpu_decode
+from qsparse_compile.reference import reference_model
+
+FALLBACK_PROMPT = (
+    "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet "
+    "is the sun."
+)
+#: The goal of the decode path: this fraction of the byte-count limit, end to end.
+TARGET_FRACTION = 0.8
+
+
+def cpu_model() -> str:
+    """The CPU's name and its widest vector extension."""
+    name, flags = platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == platform.machine():
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    vector = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    return f"{name} ({vector}, {os.cpu_count()} logical CPUs)"
+
+
+def others_busy_cpus(window_s: float = 0.2) -> float:
+    """How many CPUs other processes kept busy during a short window (from /proc/stat)."""
+
+    def sample() -> tuple[int, int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        stat = Path("/proc/self/stat").read_text()
+        own = stat[stat.rindex(")") + 2:].split()
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])
+
+    try:
+        busy0, total0, own0 = sample()
+        time.sleep(window_s)
+        busy1, total1, own1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    cpus = os.cpu_count() or 1
+    return cpus * max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0)
+
+
+def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of the Shakespeare validation text (or a fixed line)."""
+    try:
+        from qsparse_compile.data.shakespeare import shakespeare_split
+
+        text = shakespeare_split().validation[:4000]
+    except (ModuleNotFoundError, FileNotFoundError):
+        text = FALLBACK_PROMPT
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids[:, :tokens]
+
+
+def weight_bytes(model: torch.nn.Module, sparsity: float) -> dict[str, float]:
+    """Weight bytes read per decoded token, dense and at ``sparsity`` (see the module doc)."""
+    config = QSparseConfig(sparsity=sparsity)
+    seen: set[int] = set()
+    out = {"projections_dense": 0.0, "projections_sparse": 0.0, "head": 0.0, "other": 0.0}
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight
+            seen.add(id(weight))
+            size = weight.numel() * weight.element_size()
+            if module.bias is not None:
+                seen.add(id(module.bias))
+                size += module.bias.numel() * module.bias.element_size()
+            plan = config.plan_for(path)
+            if plan.dense:
+                out["head"] += size  # the output head; tied to the embedding: counted once
+                continue
+            k = topk_count(weight.shape[1], plan.sparsity)
+            out["projections_dense"] += size
+            out["projections_sparse"] += size * k / weight.shape[1]
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if param.dim() == 2 and "embed" in name:
+            out["other"] += param.shape[1] * param.element_size()  # one row per token
+        else:
+            out["other"] += param.numel() * param.element_size()  # norms
+    out["dense"] = out["projections_dense"] + out["head"] + out["other"]
+    out["sparse"] = out["projections_sparse"] + out["head"] + out["other"]
+    out["limit"] = out["dense"] / out["sparse"]
+    return out
+
+
+class GreedyDecoder:
+    """Greedy decoding with a static KV cache through one ``forward`` callable."""
+
+    def __init__(self, model: torch.nn.Module, forward: Callable, prompt: torch.Tensor,
+                 new_tokens: int):
+        from transformers import StaticCache
+
+        self.model, self.forward, self.prompt, self.new_tokens = model, forward, prompt, new_tokens
+        self._cache_cls = StaticCache
+
+    @torch.no_grad()
+    def run(self, steps: int | None = None) -> tuple[torch.Tensor, float]:
+        """(the generated ids, seconds spent in the decode loop after prefill).
+
+        ``steps`` stops after that many decode steps; the cache keeps its full length, so the
+        compiled graphs (whose shapes include the cache's) are the ones the full run uses.
+        """
+        length = self.prompt.shape[1]
+        cache = self._cache_cls(config=self.model.config, max_cache_len=length + self.new_tokens)
+        out = self.forward(input_ids=self.prompt, past_key_values=cache,
+                           cache_position=torch.arange(length), use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        start = time.perf_counter()
+        for i in range(self.new_tokens - 1 if steps is None else steps):
+            out = self.forward(input_ids=token, past_key_values=cache,
+                               cache_position=torch.tensor([length + i]), use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+        return torch.cat(tokens, dim=1)[0], time.perf_counter() - start
+
+
+def profile_steps(decoder: GreedyDecoder, label: str, steps: int = 8, rows: int = 20) -> str:
+    """The ops of ``steps`` decode steps (and the prefill before them), by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decoder.run(steps)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"--- profile: {label} (prefill + {steps} decode steps) ---\n{table}"
+
+
+def group_shapes(model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(group, in_features, out_features) of one decoder layer's fused groups, and the head."""
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    out = [
+        ("q/k/v", attn.q_proj.in_features, attn.q_proj.out_features + attn.k_proj.out_features
+         + attn.v_proj.out_features),
+        ("o", attn.o_proj.in_features, attn.o_proj.out_features),
+        ("gate/up", mlp.gate_proj.in_features, mlp.gate_proj.out_features
+         + mlp.up_proj.out_features),
+        ("down", mlp.down_proj.in_features, mlp.down_proj.out_features),
+    ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per round")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per path")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, 3 rounds")
+    parser.add_argument("--profile", action="store_true", help="print a per-op profile")
+    parser.add_argument("--json", type=Path, help="write all measurements to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.rounds = min(args.new_tokens, 16), min(args.rounds, 3)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2(torch.float32)
+    prompt = prompt_ids(tokenizer, args.prompt_tokens)
+    dtype = next(model.parameters()).dtype
+    bytes_ = weight_bytes(model, args.sparsity)
+    shapes = group_shapes(model)
+
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(f"model: SmolLM2-135M ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters), dtype {str(dtype).removeprefix('torch.')}, "
+          f"{len(model.model.layers)} layers, sparsity {args.sparsity}")
+    print("decode groups per layer (in -> out): " + ", ".join(
+        f"{name} {k}->{n}" for name, k, n in shapes)
+        + f"; head {model.lm_head.in_features}->{model.lm_head.out_features} (dense)")
+    print(f"prompt {prompt.shape[1]} tokens, {args.new_tokens} new tokens, "
+          f"{args.rounds} rounds per path")
+
+    # the cost model's decisions for the groups (measured once per machine, then cached)
+    decisions = {
+        name: cpu_decode._max_sparse_rows(k, n, dtype, topk_count(k, args.sparsity) / k)
+        for name, k, n in shapes
+    }
+    print("cost model, max rows for the fused kernel: " + ", ".join(
+        f"{name} {rows}" for name, rows in decisions.items()))
+
+    dense_fwd = torch.compile(model.forward, dynamic=False)
+    sparse_fwd = torch.compile(model.forward, backend="qsparse", dynamic=False,
+                               options={"sparsity": args.sparsity})
+    paths = {"dense": GreedyDecoder(model, dense_fwd, prompt, args.new_tokens),
+             "qsparse": GreedyDecoder(model, sparse_fwd, prompt, args.new_tokens)}
+    compile_s, tokens = {}, {}
+    for name, decoder in paths.items():  # warm-up: compiles prefill and decode graphs
+        start = time.perf_counter()
+        tokens[name], _ = decoder.run()
+        compile_s[name] = time.perf_counter() - start
+    decode_groups = [r.decode for r in last_results(4)]
+    print(f"compile + first run: dense {compile_s['dense']:.0f} s, qsparse "
+          f"{compile_s['qsparse']:.0f} s; fused groups per qsparse graph: {decode_groups}")
+
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    ratios, busy, tokens_stable = [], [], True
+    for i in range(args.rounds):
+        order = list(paths) if i % 2 == 0 else list(paths)[::-1]
+        busy.append(others_busy_cpus())
+        for name in order:
+            out, seconds = paths[name].run()
+            tokens_stable &= torch.equal(out, tokens[name])
+            samples[name].append((args.new_tokens - 1) / seconds)
+        ratios.append(samples["qsparse"][-1] / samples["dense"][-1])
+        print(f"  round {i + 1}: dense {samples['dense'][-1]:6.2f} tok/s, qsparse "
+              f"{samples['qsparse'][-1]:6.2f} tok/s, ratio {ratios[-1]:.3f} "
+              f"(other processes busy on {busy[-1]:.1f} CPUs)")
+        sys.stdout.flush()
+
+    # the eager references: sparse (the oracle the tokens must equal) and dense (sanity)
+    eager = GreedyDecoder(model, model.forward, prompt, args.new_tokens)
+    with reference_model(model, sparsity=args.sparsity):
+        reference_tokens, _ = eager.run()
+    dense_tokens, _ = eager.run()
+    sparse_equal = torch.equal(tokens["qsparse"], reference_tokens)
+    dense_equal = torch.equal(tokens["dense"], dense_tokens)
+    first_diff = None
+    if not sparse_equal:
+        diff = (tokens["qsparse"] != reference_tokens).nonzero()
+        first_diff = int(diff[0, 0]) if len(diff) else None
+
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    ratio = statistics.median(ratios)
+    fraction = ratio / bytes_["limit"]
+    mb = 1 / 2**20
+    print()
+    print(f"{'path':<26}{'tokens/s (median)':>18}{'min':>8}{'max':>8}")
+    for name in paths:
+        print(f"{name:<26}{med[name]:>18.2f}{min(samples[name]):>8.2f}"
+              f"{max(samples[name]):>8.2f}")
+    print()
+    print(f"weight bytes per token: dense {bytes_['dense'] * mb:.1f} MiB, sparse "
+          f"{bytes_['sparse'] * mb:.1f} MiB (projections {bytes_['projections_dense'] * mb:.1f}"
+          f" -> {bytes_['projections_sparse'] * mb:.1f}, head {bytes_['head'] * mb:.1f}, "
+          f"norms + embedding row {bytes_['other'] * mb:.2f})")
+    print(f"byte-count limit (dense / sparse bytes): {bytes_['limit']:.3f}x")
+    print(f"speed-up qsparse / dense Inductor (median of per-round ratios): {ratio:.3f}x "
+          f"(ratio of medians {med['qsparse'] / med['dense']:.3f}x)")
+    print(f"fraction of the limit achieved: {fraction:.1%} (goal {TARGET_FRACTION:.0%})")
+    print(f"generated tokens equal the eager reference sparse model: {sparse_equal}"
+          + ("" if sparse_equal else f" (first difference at token {first_diff})"))
+    print(f"dense Inductor tokens equal eager dense: {dense_equal}; tokens identical in every "
+          f"round: {tokens_stable}")
+    print(f"other processes kept {statistics.median(busy):.1f} CPUs busy (median over rounds)")
+    print(f"qsparse text: {tokenizer.decode(tokens['qsparse'])!r}")
+
+    if args.profile:
+        for name, decoder in paths.items():
+            print(profile_steps(decoder, name))
+
+    if args.json:
+        record = {
+            "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "dtype": str(dtype).removeprefix("torch."), "sparsity": args.sparsity,
+            "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens,
+            "groups": shapes, "cost_model_max_rows": decisions,
+            "tokens_per_s": samples, "median_tokens_per_s": med, "round_ratios": ratios,
+            "speedup": ratio, "bytes": bytes_, "limit": bytes_["limit"],
+            "fraction_of_limit": fraction, "tokens_equal_reference": sparse_equal,
+            "dense_tokens_equal_eager": dense_equal, "others_busy_cpus": busy,
+            "compile_s": compile_s, "decode_groups": decode_groups,
+        }
+        args.json.write_text(json.dumps(record, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""Q-Sparse on a pretrained model: SmolLM2-135M (real weights), Shakespeare perplexity.
+
+Two parts, every number through ``torch.compile(model, backend="qsparse", options=...)``:
+
+* ``training-free``: held-out perplexity of the pretrained model as it is (dense) and with
+  top-K 40% / 50% and block 2:4 / 16:32 applied without any training.
+* ``ft-topk40``, ``ft-topk50``: continue-training (straight-through gradients) on the training
+  plays at that sparsity for a fixed budget, then the same evaluation. ``ft-dense`` spends the
+  same budget training the dense model: Shakespeare is a new domain for SmolLM2, so the dense
+  model improves too, and the gap that sparse training should close is the one to *this*
+  control, not to the untouched model.
+
+Perplexity is measured on one fixed subset of the held-out plays (``--eval-seqs`` windows of
+``--eval-len`` tokens, evenly spread), the same subset for every row.
+
+    python examples/continue_train.py --all
+    python examples/continue_train.py --run training-free
+    python examples/continue_train.py --run ft-topk40 --steps 60
+    python examples/continue_train.py --run ft-topk40 --tiny      # a smoke test
+
+Logs: ``<out>/<run>.json``; checkpoints (for ``--resume``) under ``--ckpt-dir``, removed when
+a run completes unless ``--keep-checkpoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from recipe_common import (
+    REPO,
+    adamw,
+    command_line,
+    cosine_lr,
+    load_checkpoint,
+    provenance,
+    read_json,
+    save_checkpoint,
+    set_lr,
+    set_threads,
+    write_json,
+)
+from tqdm import tqdm
+
+import qsparse_compile  # noqa: F401  (registers the qsparse ops)
+from qsparse_compile import backend
+from qsparse_compile.data import shakespeare_split
+from qsparse_compile.measure import measure_sparsity
+from qsparse_compile.report import report, rows_from_records
+
+#: Rows of the training-free table: qsparse options.
+TRAINING_FREE: dict[str, dict[str, Any]] = {
+    "dense": {"sparsity": 0.0},
+    "topk40": {"sparsity": 0.4},
+    "topk50": {"sparsity": 0.5},
+    "block2-4": {"method": "block", "block": (2, 4)},
+    "block16-32": {"method": "block", "block": (16, 32)},
+}
+
+#: Continue-training runs: qsparse options (straight-through gradients, the default).
+FINE_TUNE: dict[str, dict[str, Any]] = {
+    "ft-dense": {"sparsity": 0.0},
+    "ft-topk40": {"sparsity": 0.4},
+    "ft-topk50": {"sparsity": 0.5},
+}
+
+RUN_NAMES = ("training-free", *FINE_TUNE)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything that defines a run besides its qsparse options (logged with the run)."""
+
+    steps: int = 32
+    batch: int = 4
+    seq: int = 128
+    lr: float = 2e-4
+    warmup: int = 3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    freeze_embeddings: bool = True  # tied with the head: 28M of the 135M parameters
+    eval_seqs: int = 32
+    eval_len: int = 256
+    eval_batch: int = 4
+    quick_eval_seqs: int = 8  # the curve during training: a subset of the eval windows
+    eval_every: int = 8
+    ckpt_every: int = 8
+    seed: int = 0
+    inner: str = "eager"
+    threads: int = 1
+    model: str = "smollm2-135m"
+    layers: int | None = None  # keep only the first n decoder layers (smoke tests)
+    repeat_batch: bool = False  # train on one batch over and over (smoke tests)
+    train_chars: int | None = None  # tokenize only the start of the training plays (smoke)
+
+
+#: ``--tiny``: a smoke test of the recipe, not an experiment: the real weights of the first
+#: 4 layers (nothing smaller ships offline), 32-token windows, 6 steps on one repeated batch
+#: (so the loss must fall if gradients reach the weights), evaluation windows of the
+#: training shape (so the training graph is reused instead of a second one traced).
+TINY = {"steps": 6, "batch": 2, "seq": 32, "warmup": 2, "eval_seqs": 4, "eval_len": 32,
+        "eval_batch": 2, "quick_eval_seqs": 2, "eval_every": 3, "ckpt_every": 3,
+        "lr": 3e-4, "layers": 4, "repeat_batch": True, "train_chars": 100_000}
+
+
+# --- data and model ----------------------------------------------------------------------
+
+
+def load_model(layers: int | None = None):
+    """(model, tokenizer): SmolLM2-135M, optionally cut to its first ``layers`` layers."""
+    from qsparse_compile.models.smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    if layers is not None:
+        model.model.layers = torch.nn.ModuleList(list(model.model.layers)[:layers])
+        model.config.num_hidden_layers = layers
+    return model, tokenizer
+
+
+class TokenData:
+    """The Shakespeare split as token ids; the training plays are tokenized on first use
+    (1.4M tokens: half a minute on a busy CPU) and cached next to the checkpoints."""
+
+    def __init__(self, tokenizer, cache: Path | None = None, train_chars: int | None = None):
+        self.tokenizer, self.cache, self.train_chars = tokenizer, cache, train_chars
+        tokenizer.model_max_length = 1 << 30  # whole plays: no "sequence too long" warning
+        self.split = shakespeare_split()
+        self.validation = self._encode(self.split.validation)
+        self._train: torch.Tensor | None = None
+
+    def _encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, return_attention_mask=False)["input_ids"])
+
+    @property
+    def train(self) -> torch.Tensor:
+        if self._train is None:
+            text = self.split.train[: self.train_chars]
+            key = hashlib.sha1(f"{len(self.tokenizer)}\n{text}".encode()).hexdigest()[:16]
+            path = self.cache / f"train-tokens-{key}.pt" if self.cache else None
+            if path is not None and path.is_file():
+                self._train = torch.load(path)
+            else:
+                self._train = self._encode(text)
+                if path is not None:
+                    save_checkpoint(path, self._train)
+        return self._train
+
+    def train_batch(self, step: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+        """Random windows, a pure function of (seed, step), identical for every run."""
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, len(self.train) - seq - 1, (batch,), generator=gen)
+        return torch.stack([self.train[s:s + seq] for s in starts.tolist()])
+
+    def eval_windows(self, count: int, length: int) -> torch.Tensor:
+        """``count`` non-overlapping windows evenly spread over the held-out plays."""
+        total = len(self.validation) // length
+        if count > total:
+            raise ValueError(f"only {total} windows of {length} tokens in the validation plays")
+        picks = torch.linspace(0, total - 1, count).long()
+        return self.validation[: total * length].view(total, length)[picks]
+
+
+def nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of ``ids`` (positions 1..T-1)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           ids[:, 1:].reshape(-1), reduction="sum")
+
+
+def evaluate(compiled: torch.nn.Module, windows: torch.Tensor, batch: int,
+             grad: bool = False) -> dict[str, float]:
+    """Mean NLL (nats/token) and perplexity over ``windows``.
+
+    ``grad=True`` keeps gradient mode on (nothing is backpropagated) during training: Dynamo
+    guards on the mode, so windows of the training shape then reuse the training graph.
+    """
+    total, count = 0.0, 0
+    with torch.set_grad_enabled(grad):
+        for chunk in windows.split(batch):
+            total += nll(compiled(input_ids=chunk, use_cache=False).logits, chunk).item()
+            count += chunk.shape[0] * (chunk.shape[1] - 1)
+    loss = total / count
+    return {"loss": round(loss, 5), "ppl": round(math.exp(loss), 4)}
+
+
+def compile_model(model: torch.nn.Module, options: dict[str, Any], inner: str):
+    torch._dynamo.reset()  # a fresh compile per configuration
+    backend.reset_records()
+    return torch.compile(model, backend="qsparse", dynamic=False,
+                         options={**options, "inner": inner})
+
+
+def compiled_summary() -> dict[str, Any]:
+    results = backend.last_results(64)
+    rows = rows_from_records(r for res in results for r in res.records)
+    methods = sorted({r["method"] for r in rows})
+    # evaluation and training shapes compile one graph each: count projections once
+    return {"graphs": len(results), "projections": len({r["path"] for r in rows}),
+            "methods": methods,
+            "activated_fraction": round(rows.totals["activated_fraction"], 4)}
+
+
+def measured(model: torch.nn.Module, options: dict[str, Any], ids: torch.Tensor
+             ) -> dict[str, Any]:
+    m = measure_sparsity(model, [ids], options).to_dict()
+    m.pop("per_projection")
+    return m
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+def training_free(s: Settings, out: Path, command: str, resume: bool) -> dict[str, Any]:
+    """Evaluate the pretrained model under each training-free configuration."""
+    set_threads(s.threads)
+    log_path = out / "training-free.json"
+    log: dict[str, Any] = {
+        "recipe": "continue_train", "run": "training-free", "status": "running",
+        "command": command, "settings": dataclasses.asdict(s),
+        "provenance": provenance(s.threads), "rows": {}}
+    if resume and log_path.is_file():
+        log = read_json(log_path)
+        log.setdefault("resumed", []).append({"command": command})
+    model, tokenizer = load_model(s.layers)
+    windows = TokenData(tokenizer).eval_windows(s.eval_seqs, s.eval_len)
+    log["eval_tokens"] = int(windows.numel() - windows.shape[0])
+    for name, options in TRAINING_FREE.items():
+        if name in log["rows"]:
+            continue  # done in an earlier session
+        t0 = time.perf_counter()
+        compiled = compile_model(model, options, s.inner)
+        row = evaluate(compiled, windows, s.eval_batch)
+        row["compiled"] = compiled_summary()
+        row["options"] = _jsonable(options)
+        row["report_activated_fraction"] = round(
+            report(model, **options).totals["activated_fraction"], 4)
+        row["sparsity"] = measured(model, options, windows[:1])
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        log["rows"][name] = row
+        write_json(log_path, log)
+        print(f"training-free {name}: ppl {row['ppl']} (loss {row['loss']}), "
+              f"{row['wall_s']} s", flush=True)
+    log["status"] = "done"
+    write_json(log_path, log)
+    return log
+
+
+def fine_tune(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, resume: bool,
+              stop_at: int | None = None, progress: bool = True,
+              keep_checkpoint: bool = False) -> dict[str, Any]:
+    """Continue-train the pretrained model under ``FINE_TUNE[name]``, then evaluate it."""
+    set_threads(s.threads)
+    options = FINE_TUNE[name]
+    log_path, ckpt_path = out / f"{name}.json", ckpt_dir / f"{name}.pt"
+    model, tokenizer = load_model(s.layers)
+    data = TokenData(tokenizer, ckpt_dir, s.train_chars)
+    windows = data.eval_windows(s.eval_seqs, s.eval_len)
+    quick = windows[torch.linspace(0, len(windows) - 1, s.quick_eval_seqs).long()]
+    if s.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    model.train()
+    torch.manual_seed(s.seed)
+    optimizer = adamw(model, s.lr, s.weight_decay, fused=True)
+    log: dict[str, Any] = {
+        "recipe": "continue_train", "run": name, "status": "running", "command": command,
+        "settings": dataclasses.asdict(s), "options": _jsonable(options),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "tokens_per_step": s.batch * s.seq, "eval_tokens": int(windows.numel() - len(windows)),
+        "provenance": provenance(s.threads), "train_loss": [], "lr": [], "quick_evals": [],
+        "wall": {"train_s": 0.0, "eval_s": 0.0, "step_s_median": None},
+    }
+    start = 0
+    state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        log, start = state["log"], state["step"]
+        log.setdefault("resumed", []).append({"at_step": start, "command": command})
+    elif resume and log_path.is_file():
+        done = read_json(log_path)
+        if done.get("status") == "done":
+            print(f"{name}: already complete, nothing to do")
+            return done
+
+    compiled = compile_model(model, options, s.inner)
+    step_times: list[float] = []
+
+    def quick_eval(step: int) -> None:
+        t0 = time.perf_counter()
+        log["quick_evals"].append(
+            {"step": step, **evaluate(compiled, quick, s.eval_batch, grad=True)})
+        log["wall"]["eval_s"] += time.perf_counter() - t0
+
+    def checkpoint(step: int) -> None:
+        if step_times:
+            log["wall"]["step_s_median"] = round(statistics.median(step_times), 3)
+        write_json(log_path, log)
+        save_checkpoint(ckpt_path, {"model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "step": step,
+                                    "log": log})
+
+    if start == 0:
+        quick_eval(0)
+    end = s.steps if stop_at is None else min(stop_at, s.steps)
+    bar = tqdm(range(start, end), desc=name, initial=start, total=s.steps,
+               disable=not progress, mininterval=5, file=sys.stderr)
+    for step in bar:
+        ids = data.train_batch(0 if s.repeat_batch else step, s.batch, s.seq, s.seed)
+        lr = cosine_lr(step, s.steps, s.warmup, s.lr, s.min_lr_ratio)
+        set_lr(optimizer, lr)
+        t0 = time.perf_counter()
+        loss = nll(compiled(input_ids=ids, use_cache=False).logits, ids) / (ids.numel() -
+                                                                             len(ids))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], s.grad_clip)
+        optimizer.step()
+        seconds = time.perf_counter() - t0
+        log["wall"]["train_s"] += seconds
+        if step == start:
+            log["wall"].setdefault("first_step_s", round(seconds, 2))  # includes the compile
+            log["compiled"] = compiled_summary()
+        else:
+            step_times.append(seconds)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}")
+        log["train_loss"].append(round(loss.item(), 4))
+        log["lr"].append(float(f"{lr:.4g}"))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
+            quick_eval(step + 1)
+        if (step + 1) % s.ckpt_every == 0 and step + 1 < end:
+            checkpoint(step + 1)
+    bar.close()
+    if end < s.steps:  # stopped on purpose: continue with --resume
+        checkpoint(end)
+        return log
+    quick_eval(s.steps)
+    t0 = time.perf_counter()
+    log["final"] = evaluate(compiled, windows, s.eval_batch, grad=True)
+    log["final"]["sparsity"] = measured(model, options, windows[:1])
+    log["wall"]["eval_s"] += time.perf_counter() - t0
+    log["wall"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in log["wall"].items()}
+    log["status"] = "done"
+    write_json(log_path, log)
+    if keep_checkpoint:
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "step": s.steps, "log": log})
+    else:
+        ckpt_path.unlink(missing_ok=True)  # 1.4 GB with the optimizer state
+    print(f"{name}: ppl {log['final']['ppl']} (loss {log['final']['loss']}) after "
+          f"{s.steps} steps, {log['wall']['train_s']} s training", flush=True)
+    return log
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", choices=RUN_NAMES, action="append",
+                       help="run (repeatable)")
+    which.add_argument("--all", action="store_true", help="every run, one after the other")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {Settings.steps})")
+    p.add_argument("--batch", type=int, help=f"sequences per step (default {Settings.batch})")
+    p.add_argument("--seq", type=int, help=f"tokens per training sequence ({Settings.seq})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {Settings.lr})")
+    p.add_argument("--eval-seqs", type=int, help=f"held-out windows ({Settings.eval_seqs})")
+    p.add_argument("--eval-every", type=int, help="steps between quick validations")
+    p.add_argument("--seed", type=int, help="data order (default 0)")
+    p.add_argument("--inner", choices=("inductor", "eager"),
+                   help="the qsparse backend's inner compiler (default eager)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
+    p.add_argument("--tiny", action="store_true", help="smoke-test settings")
+    p.add_argument("--out", type=Path, default=REPO / "docs/results/logs/continue_train",
+                   help="folder of the JSON logs")
+    p.add_argument("--ckpt-dir", type=Path, default=REPO / "runs/continue_train",
+                   help="folder of the checkpoints (not committed)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--stop-at", type=int, help="stop after this step (checkpointed)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep the trained weights when a run completes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = Settings(**(TINY if args.tiny else {}))
+    for field, value in (("steps", args.steps), ("batch", args.batch), ("seq", args.seq),
+                         ("lr", args.lr), ("eval_seqs", args.eval_seqs),
+                         ("eval_every", args.eval_every), ("seed", args.seed),
+                         ("inner", args.inner), ("threads", args.threads)):
+        if value is not None:
+            setattr(s, field, value)
+    return s
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the recipe; return ``{run name: log}``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    s = settings_from(args)
+    names = list(RUN_NAMES) if args.all else list(dict.fromkeys(args.run))
+    logs = {}
+    for name in names:
+        single = ["--run", name, *[a for a in argv if a != "--all"]] if args.all else argv
+        command = command_line("continue_train.py", single)
+        if name == "training-free":
+            logs[name] = training_free(s, args.out, command, args.resume)
+        else:
+            logs[name] = fine_tune(name, s, args.out, args.ckpt_dir, command, args.resume,
+                                   args.stop_at, progress=not args.quiet,
+                                   keep_checkpoint=args.keep_checkpoint)
+    return logs
+
+
+if __name__ == "__main__":
+    main()

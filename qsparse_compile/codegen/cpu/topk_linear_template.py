@@ -1,0 +1,482 @@
+"""The C source of the fused "select, then sparse GEMV" decode kernel, rendered per specialisation.
+
+One call computes ``y = sparsify(x) @ wt + bias`` for 1..8 dense activation rows ``x``:
+
+1. **Select** (per row, one thread): the ``k`` largest ``|x|`` (top-K) or the ``n`` largest of
+   every ``m`` consecutive entries (block N:M), exactly as DESIGN.md says. ``|x|`` is compared
+   as an integer key (the magnitude's bit pattern, every NaN mapped to one key above +inf), so
+   the k-th largest key is found by a radix select: an 11-bit histogram over the key's top bits
+   narrows the candidates to one bin, two 10-bit passes (or a sort once few are left) finish it.
+   A final pass in index order keeps keys above the threshold and the first ``take`` keys equal
+   to it, which is the lower-index tie-break. Blocks of up to 32 entries rank each entry against
+   its group directly (``m^2`` compares that vectorise), longer blocks use the radix select.
+2. **Rescale** (optional): multiply the kept values by ``||x|| / ||x_kept||`` (1 when the kept
+   norm is 0 or NaN, as the reference's ``where(kept > 0, ...)`` does); bf16 rows are rounded to
+   bf16 after this, as the reference rounds the sparsified activation before the product.
+3. **Sparse GEMV** over the union of the rows' kept features: each kept feature reads one
+   contiguous row of ``wt = W^T`` (``[in_features, out_features]``, K-major); a feature no row
+   kept is never read, which is where the speed-up of a memory-bound decode step comes from.
+   Accumulation is fp32. Threads split the *kept rows* (each thread streams whole weight rows,
+   which the hardware prefetchers follow far better than the half rows a column split gives on
+   the short rows of small models), each into its own fp32 partial sum, added up at the end.
+
+A specialisation fixes the element type and the number of rows, so the loops over rows have
+compile-time trip counts that the compiler unrolls into registers; ``k``, ``n:m`` and
+``rescale`` are run-time arguments (one library serves every projection of a model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+
+import torch
+
+#: Element types the kernel is rendered for, and their C spelling.
+SUPPORTED_DTYPES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+#: Most activation rows one call handles: the decode batch. Beyond ~8 independent top-K masks
+#: the union covers almost every feature, and the op falls back to a dense product anyway.
+MAX_ROWS = 8
+
+#: Blocks of at most this many entries are selected by direct ranking (``m^2`` compares).
+RANK_BLOCK_MAX = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkLinearSpec:
+    """One specialisation of the kernel.
+
+    Attributes:
+        dtype: element type of ``x``, ``wt``, ``bias`` and ``y`` (``torch.float32`` or
+            ``torch.bfloat16``); selection keys and accumulation are always fp32.
+        rows: activation rows per call (1..``MAX_ROWS``); their masks are united, so one pass
+            over the weights serves all of them.
+        rows_per_pass: kept weight rows folded into the accumulator per sweep: the accumulator
+            vector is loaded and stored once per this many weight rows.
+        tile_floats: fp32 accumulator budget per thread (all rows together), so the partial sums
+            of one column tile stay in L1 while weight rows stream past them.
+        prefetch: software-prefetch the next sweep's weight rows while folding the current one.
+            Kept rows are scattered, so each is a new stream for the hardware prefetcher, which
+            needs a few misses to lock on; on rows of a few KiB that start-up is a large share.
+    """
+
+    dtype: torch.dtype
+    rows: int
+    rows_per_pass: int = 8
+    tile_floats: int = 4096
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+            raise TypeError(
+                f"top-K linear kernel: dtype {self.dtype} is not supported; allowed: {allowed}"
+            )
+        if not 1 <= self.rows <= MAX_ROWS:
+            raise ValueError(
+                f"top-K linear kernel: rows must be in [1, {MAX_ROWS}], got {self.rows}"
+            )
+        if not 1 <= self.rows_per_pass <= 16:
+            raise ValueError(
+                f"top-K linear kernel: rows_per_pass must be in [1, 16], got {self.rows_per_pass}"
+            )
+        if self.tile_floats < 8 * self.rows:
+            raise ValueError(
+                f"top-K linear kernel: tile_floats must be at least 8 * rows = {8 * self.rows}, "
+                f"got {self.tile_floats}"
+            )
+
+    @property
+    def name(self) -> str:
+        """A C identifier that names this specialisation (also the exported symbol)."""
+        return (
+            f"qs_topk_linear_{SUPPORTED_DTYPES[self.dtype]}_t{self.rows}"
+            f"_r{self.rows_per_pass}_f{self.tile_floats}_p{int(self.prefetch)}"
+        )
+
+
+_TEMPLATE = string.Template(
+    r"""/* qsparse cpu_topk_linear: ${dtype_name}, ${rows} row(s), ${rows_per_pass} weight rows per
+ * sweep, ${tile_floats}-float accumulator tile, prefetch ${prefetch}. Rendered from a template;
+ * do not edit.
+ *
+ * y[t, :] = bias + sum_k sparsify(x[t, :])[k] * wt[k, :]      for t < ROWS
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QS_SIMD 1
+#else
+#define QS_SIMD 0  /* portable C: the scalar tail loops do all the work */
+#endif
+
+#define ROWS ${rows}
+#define ROWS_PER_PASS ${rows_per_pass}
+#define ELEM_IS_BF16 ${elem_is_bf16}
+#define PREFETCH ${prefetch}
+/* Columns per accumulator tile and row: a multiple of the 8-float vector width. */
+#define TILE_COLS ((${tile_floats} / ROWS) / 8 * 8)
+/* Below this many weight bytes per thread, waking a second thread costs more than it saves. */
+#define MIN_BYTES_PER_THREAD (96 * 1024)
+#define RANK_BLOCK_MAX ${rank_block_max}
+/* Candidates left after a radix pass at or below this count are sorted instead. */
+#define SMALL_SELECT 48
+/* The magnitude key of every NaN: one above +inf (0x7f800000), so NaNs outrank all numbers
+ * and tie with each other. */
+#define NAN_KEY 0x7f800001u
+
+#if ELEM_IS_BF16
+typedef uint16_t elem_t;
+#else
+typedef float elem_t;
+#endif
+
+static inline float to_f32(elem_t v) {
+#if ELEM_IS_BF16
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)v << 16;  /* bf16 is the top half of an fp32: exact */
+    return c.f;
+#else
+    return v;
+#endif
+}
+
+static inline elem_t from_f32(float f) {
+#if ELEM_IS_BF16
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    /* NaN maps to the canonical quiet NaN, as torch's own float -> bfloat16 conversion does. */
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)0x7fc0;
+    c.u += 0x7fffu + ((c.u >> 16) & 1u);  /* round to nearest, ties to even */
+    return (uint16_t)(c.u >> 16);
+#else
+    return f;
+#endif
+}
+
+/* The value the reference's sparsified activation holds: rounded to the element type. */
+static inline float round_elem(float f) { return to_f32(from_f32(f)); }
+
+static inline uint32_t magnitude_key(float v) {
+    union { float f; uint32_t u; } c;
+    c.f = v;
+    const uint32_t a = c.u & 0x7fffffffu;
+    return a > 0x7f800000u ? NAN_KEY : a;
+}
+
+/* ---- scratch: per calling thread, grown on demand, never shrunk ----------------------------
+ * ctypes releases the GIL, so two Python threads may run this kernel at once: the buffers are
+ * thread-local. Growing them only when a larger shape arrives keeps malloc (and, for big
+ * buffers, mmap + page faults) out of the steady decode loop. */
+typedef struct {
+    void* ptr;
+    size_t size;
+} buffer_t;
+
+static _Thread_local buffer_t scratch_keys, scratch_cand, scratch_xs, scratch_rows,
+    scratch_vals, scratch_part;
+
+static void* grow(buffer_t* b, size_t bytes) {
+    if (bytes > b->size) {
+        void* p = NULL;
+        bytes = (bytes + 63) / 64 * 64;
+        if (posix_memalign(&p, 64, bytes) != 0) return NULL;
+        free(b->ptr);
+        b->ptr = p;
+        b->size = bytes;
+    }
+    return b->ptr;
+}
+
+/* ---- selection ---------------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t key;  /* the k-th largest key */
+    int64_t take;  /* how many entries equal to it are kept, the lowest indices first */
+} threshold_t;
+
+static void sort_desc(uint32_t* a, int64_t n) {
+    for (int64_t i = 1; i < n; ++i) {
+        const uint32_t v = a[i];
+        int64_t j = i - 1;
+        while (j >= 0 && a[j] < v) {
+            a[j + 1] = a[j];
+            --j;
+        }
+        a[j + 1] = v;
+    }
+}
+
+/* The k-th largest of keys[0, n), 1 <= k <= n, by radix select on 11 + 10 + 10 bits (keys are
+ * at most 31 bits wide: the sign is cleared). cand holds n keys of scratch. */
+static threshold_t kth_largest(const uint32_t* keys, int64_t n, int64_t k, uint32_t* cand) {
+    static const int shift[3] = {20, 10, 0};
+    static const uint32_t bins[3] = {2048, 1024, 1024};
+    int32_t hist[2048];
+    const uint32_t* src = keys;
+    for (int level = 0; level < 3; ++level) {
+        if (n <= SMALL_SELECT) {
+            if (src != cand) memcpy(cand, src, sizeof(uint32_t) * (size_t)n);
+            sort_desc(cand, n);
+            threshold_t t = {cand[k - 1], 0};
+            for (int64_t i = 0; i < k; ++i) t.take += (cand[i] == t.key);
+            return t;
+        }
+        const int s = shift[level];
+        const uint32_t mask = bins[level] - 1;
+        uint32_t hi = 0;  /* the highest bin in use: the scan down starts there */
+        memset(hist, 0, sizeof(int32_t) * bins[level]);
+        for (int64_t i = 0; i < n; ++i) {
+            const uint32_t d = (src[i] >> s) & mask;
+            hist[d]++;
+            hi = d > hi ? d : hi;
+        }
+        /* the bin b holding the k-th largest: fewer than k above it, at least k from it up */
+        int64_t above = 0;
+        uint32_t b = hi;
+        while (above + hist[b] < k) above += hist[b--];
+        k -= above;
+        int64_t m = 0;
+        for (int64_t i = 0; i < n; ++i)
+            if (((src[i] >> s) & mask) == b) cand[m++] = src[i];
+        src = cand;
+        n = m;
+    }
+    /* all 31 bits fixed: every candidate equals the threshold */
+    threshold_t t = {cand[0], k};
+    return t;
+}
+
+/* Keep the k largest |v| of v[0, n) (in place: dropped entries become 0). */
+static void select_topk(float* v, int64_t n, int64_t k, uint32_t* keys, uint32_t* cand) {
+    if (k >= n) return;
+    for (int64_t i = 0; i < n; ++i) keys[i] = magnitude_key(v[i]);
+    const threshold_t t = kth_largest(keys, n, k, cand);
+    int64_t taken = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t key = keys[i];
+        int keep = key > t.key;
+        if (key == t.key && taken < t.take) {
+            keep = 1;
+            ++taken;
+        }
+        if (!keep) v[i] = 0.0f;
+    }
+}
+
+/* Keep the nk largest |v| of a group of m <= RANK_BLOCK_MAX entries: an entry's rank is the
+ * number of entries that beat it (a larger key, or an equal key at a lower index). */
+static void select_block_rank(float* v, int64_t m, int64_t nk, uint32_t* keys) {
+    for (int64_t i = 0; i < m; ++i) keys[i] = magnitude_key(v[i]);
+    for (int64_t i = 0; i < m; ++i) {
+        const uint32_t ki = keys[i];
+        int32_t rank = 0;
+        for (int64_t j = 0; j < m; ++j) rank += (keys[j] > ki) | ((keys[j] == ki) & (j < i));
+        if (rank >= nk) v[i] = 0.0f;
+    }
+}
+
+/* ---- sparse GEMV ------------------------------------------------------------------------- */
+
+#if QS_SIMD
+static inline __m256 load8(const elem_t* p) {
+#if ELEM_IS_BF16
+    /* widen 8 bf16 to 8 fp32 in-register: zero-extend to 32 bits, shift into the high half */
+    __m128i h = _mm_loadu_si128((const __m128i*)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+    return _mm256_loadu_ps(p);
+#endif
+}
+#endif
+
+/* Fold nr weight rows into acc[ROWS][TILE_COLS] (columns c0 .. c0 + w). Each weight vector is
+ * loaded (and widened) once and used for every activation row; the accumulator is loaded and
+ * stored once per nr weight rows. next (nr_next entries) are the rows of the following sweep,
+ * prefetched at the same columns so their first lines arrive while this sweep computes. */
+static inline __attribute__((always_inline)) void fold_rows(
+    float* restrict acc, const int32_t* restrict rows, const float* restrict vals, const int nr,
+    const int32_t* restrict next, const int nr_next,
+    const elem_t* restrict wt, int64_t ldw, int64_t c0, int64_t w) {
+    const elem_t* src[ROWS_PER_PASS];
+    for (int r = 0; r < nr; ++r) src[r] = wt + (int64_t)rows[r] * ldw + c0;
+#if PREFETCH
+    const elem_t* pre[ROWS_PER_PASS];
+    for (int r = 0; r < nr_next; ++r) pre[r] = wt + (int64_t)next[r] * ldw + c0;
+#else
+    (void)next;
+    (void)nr_next;
+#endif
+    int64_t j = 0;
+#if QS_SIMD
+    __m256 v[ROWS_PER_PASS * ROWS];
+    for (int r = 0; r < nr; ++r)
+        for (int t = 0; t < ROWS; ++t) v[r * ROWS + t] = _mm256_set1_ps(vals[r * ROWS + t]);
+    for (; j + 8 <= w; j += 8) {
+#if PREFETCH
+        /* one prefetch per 64-byte line of every next row */
+        if ((j * (int64_t)sizeof(elem_t)) % 64 == 0)
+            for (int r = 0; r < nr_next; ++r) _mm_prefetch((const char*)(pre[r] + j), _MM_HINT_T0);
+#endif
+        __m256 wv[ROWS_PER_PASS];
+        for (int r = 0; r < nr; ++r) wv[r] = load8(src[r] + j);
+        for (int t = 0; t < ROWS; ++t) {
+            float* a_ptr = acc + t * TILE_COLS + j;
+            __m256 a = _mm256_load_ps(a_ptr);
+            for (int r = 0; r < nr; ++r) a = _mm256_fmadd_ps(v[r * ROWS + t], wv[r], a);
+            _mm256_store_ps(a_ptr, a);
+        }
+    }
+#endif
+    for (; j < w; ++j)
+        for (int r = 0; r < nr; ++r) {
+            const float wj = to_f32(src[r][j]);
+            for (int t = 0; t < ROWS; ++t) acc[t * TILE_COLS + j] += vals[r * ROWS + t] * wj;
+        }
+}
+
+/* One thread's share: the kept rows [i0, i1) over all N columns, tile by tile, summed into
+ * part[ROWS][N] (fp32). */
+static void gemv_rows(const int32_t* rows, const float* vals, int64_t i0, int64_t i1,
+                      const elem_t* wt, int64_t ldw, int64_t N, float* part) {
+    float acc[ROWS * TILE_COLS] __attribute__((aligned(64)));
+    for (int64_t c0 = 0; c0 < N; c0 += TILE_COLS) {
+        const int64_t w = (N - c0) < TILE_COLS ? (N - c0) : TILE_COLS;
+        memset(acc, 0, sizeof(acc));
+        int64_t i = i0;
+        for (; i + ROWS_PER_PASS <= i1; i += ROWS_PER_PASS) {
+            const int64_t left = i1 - (i + ROWS_PER_PASS);
+            const int nr_next = left < ROWS_PER_PASS ? (int)left : ROWS_PER_PASS;
+            fold_rows(acc, rows + i, vals + i * ROWS, ROWS_PER_PASS, rows + i + ROWS_PER_PASS,
+                      nr_next, wt, ldw, c0, w);
+        }
+        for (; i < i1; ++i) fold_rows(acc, rows + i, vals + i * ROWS, 1, rows, 0, wt, ldw, c0, w);
+        for (int t = 0; t < ROWS; ++t) memcpy(part + t * N + c0, acc + t * TILE_COLS,
+                                              sizeof(float) * (size_t)w);
+    }
+}
+
+/* Entry point. Returns the number of weight rows read (features kept by some row), -1 if the
+ * scratch buffers could not be allocated.
+ *   x        ROWS x D activations, element (t, i) at x[t * x_stride_t + i * x_stride_k]
+ *   k        top-K count (1 <= k <= D), used when m == 0
+ *   n, m     block pattern (keep n of every m; 1 <= n <= m, m divides D) when m > 0
+ *   rescale  nonzero: multiply each row's kept values by ||x|| / ||x_kept||
+ *   wt       D x N weights (W^T), row i at wt + i * ldw, contiguous within a row
+ *   bias     N values or NULL
+ *   y        ROWS x N output, row t at y + t * ldy, contiguous within a row
+ *   nthreads the most threads to use (the caller passes torch.get_num_threads())
+ */
+int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t D,
+                 int64_t k, int64_t n, int64_t m, int64_t rescale,
+                 const elem_t* wt, int64_t ldw, int64_t N, const elem_t* bias,
+                 elem_t* y, int64_t ldy, int64_t nthreads) {
+    uint32_t* keys = (uint32_t*)grow(&scratch_keys, sizeof(uint32_t) * (size_t)(D + 1));
+    uint32_t* cand = (uint32_t*)grow(&scratch_cand, sizeof(uint32_t) * (size_t)(D + 1));
+    float* xs = (float*)grow(&scratch_xs, sizeof(float) * (size_t)(D + 1) * ROWS);
+    int32_t* rows = (int32_t*)grow(&scratch_rows, sizeof(int32_t) * (size_t)(D + 1));
+    float* vals = (float*)grow(&scratch_vals, sizeof(float) * (size_t)(D + 1) * ROWS);
+    if (!keys || !cand || !xs || !rows || !vals) return -1;
+
+    /* 1-2. select (and rescale) each row into xs[t][0, D), fp32 */
+    for (int t = 0; t < ROWS; ++t) {
+        float* v = xs + (int64_t)t * D;
+        const elem_t* xr = x + t * x_stride_t;
+        double full = 0.0;
+        for (int64_t i = 0; i < D; ++i) {
+            v[i] = to_f32(xr[i * x_stride_k]);
+            full += (double)v[i] * v[i];
+        }
+        if (m == 0) {
+            select_topk(v, D, k, keys, cand);
+        } else if (m <= RANK_BLOCK_MAX) {
+            for (int64_t g = 0; g < D; g += m) select_block_rank(v + g, m, n, keys);
+        } else {
+            for (int64_t g = 0; g < D; g += m) select_topk(v + g, m, n, keys, cand);
+        }
+        if (rescale) {
+            double kept = 0.0;
+            for (int64_t i = 0; i < D; ++i) kept += (double)v[i] * v[i];
+            /* both norms are rounded to fp32 before dividing, as the reference computes them */
+            const float full_f = (float)__builtin_sqrt(full);
+            const float kept_f = (float)__builtin_sqrt(kept);
+            /* NaN kept norm: the comparison is false and the factor is 1, as in the reference */
+            const float factor = kept_f > 0.0f ? full_f / kept_f : 1.0f;
+            for (int64_t i = 0; i < D; ++i) v[i] = round_elem(v[i] * factor);
+        }
+    }
+
+    /* 3a. the union of the kept features, values packed row-minor */
+    int64_t nnz = 0;
+    for (int64_t i = 0; i < D; ++i) {
+        float vv[ROWS];
+        int any = 0;
+        for (int t = 0; t < ROWS; ++t) {
+            vv[t] = xs[(int64_t)t * D + i];
+            any |= (vv[t] != 0.0f);  /* NaN != 0: a kept NaN is read and propagates */
+        }
+        if (any) {
+            rows[nnz] = (int32_t)i;
+            memcpy(vals + nnz * ROWS, vv, sizeof(vv));
+            ++nnz;
+        }
+    }
+
+    /* 3b. threads split the kept rows; each sums into its own fp32 partial result */
+    int64_t team = nthreads;
+    const int64_t bytes = nnz * N * (int64_t)sizeof(elem_t);
+    if (team > bytes / MIN_BYTES_PER_THREAD) team = bytes / MIN_BYTES_PER_THREAD;
+    if (team > nnz / ROWS_PER_PASS) team = nnz / ROWS_PER_PASS;
+    if (team < 1) team = 1;
+    float* part = (float*)grow(&scratch_part, sizeof(float) * (size_t)(team * ROWS * N + 1));
+    if (!part) return -1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)team) if (team > 1)
+#endif
+    {
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num(), size = omp_get_num_threads();
+#else
+        const int64_t tid = 0, size = 1;
+#endif
+        /* split on whole sweeps, so only the last share has a ragged tail */
+        const int64_t sweeps = (nnz + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+        int64_t i0 = sweeps * tid / size * ROWS_PER_PASS;
+        int64_t i1 = sweeps * (tid + 1) / size * ROWS_PER_PASS;
+        i0 = i0 < nnz ? i0 : nnz;
+        i1 = i1 < nnz ? i1 : nnz;
+        gemv_rows(rows, vals, i0, i1, wt, ldw, N, part + tid * ROWS * N);
+    }
+
+    /* 3c. y = bias + the partial sums, in a fixed order (the result does not depend on timing) */
+    for (int t = 0; t < ROWS; ++t)
+        for (int64_t j = 0; j < N; ++j) {
+            float s = bias ? to_f32(bias[j]) : 0.0f;
+            for (int64_t p = 0; p < team; ++p) s += part[(p * ROWS + t) * N + j];
+            y[t * ldy + j] = from_f32(s);
+        }
+    return nnz;
+}
+"""
+)
+
+
+def render(spec: TopkLinearSpec) -> str:
+    """The C source of ``spec``; its entry point is the function named ``spec.name``."""
+    return _TEMPLATE.substitute(
+        name=spec.name,
+        dtype_name=SUPPORTED_DTYPES[spec.dtype],
+        rows=spec.rows,
+        rows_per_pass=spec.rows_per_pass,
+        tile_floats=spec.tile_floats,
+        prefetch=int(spec.prefetch),
+        elem_is_bf16=int(spec.dtype == torch.bfloat16),
+        rank_block_max=RANK_BLOCK_MAX,
+    )

@@ -1,0 +1,207 @@
+"""``prepare_cpu_decode``: projection groups collapse to ``cpu_topk_linear``, outputs unchanged.
+
+Tiny Hugging Face models compiled through the backend under ``torch.no_grad()``, one token per
+call (decode), ``inner="eager"`` unless said otherwise. The measured cost model is replaced by a
+fixed decision (``_max_sparse_rows`` monkeypatched), so which groups are taken does not depend
+on how busy the machine is. Per layer of a Llama-family model there are four groups: q/k/v,
+o, gate/up and down.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import HF_MODELS, LAYERS, token_ids
+from op_counts import CountingBackend
+
+from qsparse_compile.backend import last_results, reset_records, split_options
+from qsparse_compile.config import QSparseConfig
+from qsparse_compile.passes import WeightTable, cpu_decode, run_passes
+from qsparse_compile.reference import reference_model
+
+GROUPS_PER_LAYER = {"llama": 4, "qwen2": 4, "gpt2": 4}  # gpt2: c_attn, c_proj, c_fc, c_proj
+SLICES_PER_LAYER = {"llama": 5, "qwen2": 5, "gpt2": 0}  # q/k/v -> 3 views, gate/up -> 2
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    reset_records()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def decide(monkeypatch):
+    """Fix the cost model's answer (max rows for the fused kernel); record what it was asked."""
+    asked = []
+
+    def set_rows(rows: int) -> list:
+        def fake(in_features, out_features, dtype, density):
+            asked.append((in_features, out_features, dtype, density))
+            return rows
+
+        monkeypatch.setattr(cpu_decode, "_max_sparse_rows", fake)
+        return asked
+
+    return set_rows
+
+
+def _run(model, options, ids, inner="eager", grad=False):
+    backend = CountingBackend(options, inner)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        out = compiled(ids, use_cache=False).logits
+    return out, backend
+
+
+def _reference(model, options, ids):
+    with torch.no_grad(), reference_model(model, **options):
+        return model(ids, use_cache=False).logits
+
+
+CASES = {
+    "llama-topk": ("llama", {"sparsity": 0.5}),
+    "llama-block-2:4": ("llama", {"method": "block", "block": (2, 4)}),
+    "llama-topk-l2": ("llama", {"sparsity": 0.4, "rescale": "l2"}),
+    "qwen2-bias": ("qwen2", {"sparsity": 0.5}),
+    "gpt2-conv1d": ("gpt2", {"sparsity": 0.5}),
+}
+
+
+@pytest.mark.parametrize("name,options", list(CASES.values()), ids=list(CASES))
+def test_groups_collapse_and_outputs_match_reference(name, options, decide):
+    asked = decide(8)
+    model = HF_MODELS[name].build()
+    ids = token_ids(batch=1, seq=1)
+    out, backend = _run(model, options, ids)
+    before, after = backend.before_live[0], backend.after[0]
+    groups = GROUPS_PER_LAYER[name] * LAYERS
+    assert after["cpu_topk_linear"] == groups
+    assert after["sparse_linear"] == after["topk_sparsify"] == after["block_sparsify"] == 0
+    assert after["norm_sparsify"] == 0  # the norms before taken groups stay ordinary ops
+    assert after["slice"] == SLICES_PER_LAYER[name] * LAYERS
+    assert after["linear"] == before["linear"] - HF_MODELS[name].per_layer * LAYERS * (
+        name != "gpt2")  # the head stays a dense linear
+    assert last_results()[0].decode == groups
+    assert len(asked) == groups
+    torch.testing.assert_close(out, _reference(model, options, ids), atol=2e-5, rtol=2e-5)
+
+
+def test_grad_enabled_changes_nothing(decide):
+    decide(8)
+    model = HF_MODELS["llama"].build()
+    ids = token_ids(batch=1, seq=1)
+    _, backend = _run(model, {"sparsity": 0.5}, ids, grad=True)
+    after = backend.after[0]
+    assert after["cpu_topk_linear"] == 0
+    assert after["sparse_linear"] == HF_MODELS["llama"].per_layer * LAYERS
+    assert last_results()[0].decode == 0
+
+
+def test_decode_option_off_changes_nothing(decide):
+    decide(8)
+    model = HF_MODELS["llama"].build()
+    _, backend = _run(model, {"sparsity": 0.5, "decode": False}, token_ids(batch=1, seq=1))
+    assert backend.after[0]["cpu_topk_linear"] == 0
+    assert split_options({"sparsity": 0.5})[3] is True  # on by default
+    with pytest.raises(TypeError, match="option 'decode': must be True or False, got 'yes'"):
+        split_options({"sparsity": 0.5, "decode": "yes"})
+
+
+@pytest.mark.parametrize("rows,batch,taken", [(0, 1, False), (1, 2, False), (4, 3, True)])
+def test_cost_model_gate(decide, rows, batch, taken):
+    """A group is taken iff the graph's rows per call fit the decided max_sparse_rows, and the
+    op receives that maximum."""
+    decide(rows)
+    model = HF_MODELS["llama"].build()
+    ids = token_ids(batch=batch, seq=1)
+    out, backend = _run(model, {"sparsity": 0.5}, ids)
+    expected = 4 * LAYERS if taken else 0
+    assert backend.after[0]["cpu_topk_linear"] == expected
+    torch.testing.assert_close(out, _reference(model, {"sparsity": 0.5}, ids), atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_prefill_graph_is_left_alone(decide):
+    """More rows per call than the kernel ever takes (prefill): no weights are prepared."""
+    decide(8)
+    _, backend = _run(HF_MODELS["llama"].build(), {"sparsity": 0.5},
+                      token_ids(batch=1, seq=9))
+    assert backend.after[0]["cpu_topk_linear"] == 0
+
+
+def test_quantized_groups_are_left_alone(decide):
+    decide(8)
+    _, backend = _run(HF_MODELS["llama"].build(), {"sparsity": 0.5, "quant": "int8"},
+                      token_ids(batch=1, seq=1))
+    assert backend.after[0]["cpu_topk_linear"] == 0
+
+
+def test_prepared_weights(decide):
+    """Concatenated K-major weights for groups; a single [in, out] weight is used in place."""
+    decide(8)
+    model = HF_MODELS["gpt2"].build()
+    seen = {}
+
+    def backend(gm, example_inputs):
+        weights = WeightTable.from_dynamo(gm, example_inputs)
+        with torch.no_grad():
+            run_passes(gm, weights, QSparseConfig(sparsity=0.5), fuse=False)
+        seen["gm"] = gm
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(token_ids(1, 1), use_cache=False)
+    gm = seen["gm"]
+    nodes = [n for n in gm.graph.nodes if n.target == torch.ops.qsparse.cpu_topk_linear.default]
+    c_attn = model.transformer.h[0].attn.c_attn.weight  # Conv1D: [in, out], K-major already
+    first = getattr(gm, nodes[0].args[5].target)
+    assert first.data_ptr() == c_attn.data_ptr()
+
+    llama = HF_MODELS["llama"].build()
+    with torch.no_grad():
+        torch.compile(llama, backend=backend, fullgraph=True)(token_ids(1, 1), use_cache=False)
+    gm = seen["gm"]
+    nodes = [n for n in gm.graph.nodes if n.target == torch.ops.qsparse.cpu_topk_linear.default]
+    attn = llama.model.layers[0].self_attn
+    qkv = getattr(gm, nodes[0].args[5].target)
+    assert qkv.is_contiguous()
+    assert torch.equal(qkv, torch.cat([attn.q_proj.weight.t(), attn.k_proj.weight.t(),
+                                       attn.v_proj.weight.t()], dim=1))
+
+
+def test_inductor_end_to_end(decide):
+    """Inductor lifts the prepared weights like parameters and calls the op per group."""
+    decide(1)
+    model = HF_MODELS["llama"].build()
+    ids = token_ids(batch=1, seq=1)
+    out, backend = _run(model, {"sparsity": 0.5}, ids, inner="inductor")
+    assert backend.after[0]["cpu_topk_linear"] == 4 * LAYERS
+    torch.testing.assert_close(out, _reference(model, {"sparsity": 0.5}, ids), atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_in_place_cache_writes_survive(decide):
+    """Dead-code elimination must keep in-place methods whose result is unused (a static KV
+    cache is written with ``keys.index_copy_(...)``), in every pass of the pipeline."""
+    decide(8)
+    from transformers import StaticCache
+
+    model = HF_MODELS["llama"].build()
+    ids = token_ids(batch=1, seq=1)
+
+    def decode(fn) -> torch.Tensor:
+        cache = StaticCache(config=model.config, max_cache_len=4)
+        steps = [fn(input_ids=ids, past_key_values=cache, cache_position=torch.tensor([i]),
+                    use_cache=True).logits for i in range(3)]
+        return torch.cat(steps)
+
+    backend = CountingBackend({"sparsity": 0.5})
+    with torch.no_grad():
+        got = decode(torch.compile(model, backend=backend, fullgraph=True))
+        with reference_model(model, sparsity=0.5):
+            expected = decode(model)
+    assert backend.after[0]["cpu_topk_linear"] == 4 * LAYERS
+    assert backend.after[0]["index_copy_"] == backend.before[0]["index_copy_"] > 0
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
