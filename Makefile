@@ -28,7 +28,7 @@ demo: setup
 # tests/codegen/triton is left out for now: it passes alone and in the working tree, but
 # failed in a fresh clone in full-suite order (under diagnosis; see the open kernels issue).
 test: setup
-	$(PY) -m pytest -q -m "not slow" --ignore=tests/codegen/triton
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,15 @@
 
 import os
 
-from hypothesis import HealthCheck, settings
+# The Triton kernel tests run on CPU tensors in Triton's interpreter, which works only if
+# TRITON_INTERPRET=1 is set before ``triton.language`` is first imported: its standard library
+# functions (``tl.zeros``, ``tl.sum``, ...) are decorated at that moment. ``import
+# qsparse_compile`` imports torch._dynamo, which imports Triton where it is installed, and
+# every test module imports the package at collection, before the Triton directory's own
+# conftest runs; so the variable is set here, first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "default",
