@@ -25,8 +25,6 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m qsparse_compile demo
 
-# tests/codegen/triton is left out for now: it passes alone and in the working tree, but
-# failed in a fresh clone in full-suite order (under diagnosis; see the open kernels issue).
 test: setup
 	$(PY) -m pytest -q -m "not slow"
 
