@@ -63,16 +63,30 @@ def topk_count(dim: int, sparsity: float) -> int:
 class ProjectionPlan:
     """What happens to one projection's input, after globs and exclusions are resolved.
 
-    ``sparsity`` is the requested fraction (top-K) or ``1 - n/m`` (block); ``None`` means dense.
+    ``method`` is ``None`` when the input is not sparsified; ``sparsity`` is the requested
+    fraction (top-K) or ``1 - n/m`` (block). ``quant`` is the quantization applied to this
+    projection (``None``, ``"int8"`` or ``"bitnet"``): it is independent of the sparsity, so a
+    projection at sparsity 0 is still quantized; only an exclusion leaves it untouched.
     """
 
     method: str | None
     sparsity: float | None
     block: tuple[int, int] | None
+    quant: str | None = None
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the input is sparsified (top-K, N:M or ReLU)."""
+        return self.method is not None
 
     @property
     def dense(self) -> bool:
-        return self.method is None
+        """Whether the projection is left exactly as it was: no sparsity, no quantization."""
+        return self.method is None and self.quant is None
+
+    def without_sparsity(self) -> ProjectionPlan:
+        """The same plan with the sparsity dropped (its quantization kept)."""
+        return ProjectionPlan(None, None, None, self.quant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +106,12 @@ class QSparseConfig:
         block: ``(n, m)`` for ``method="block"``: keep ``n`` of every ``m`` consecutive entries.
         rescale: ``"none"`` or ``"l2"`` (keep each row's L2 norm after masking).
         quant: ``None``, ``"int8"`` (per-row absmax activations) or ``"bitnet"`` (int8
-            activations and ternary absmean weights).
+            activations and ternary absmean weights). Applies to every projection that is not
+            excluded, whatever its sparsity (0 included): ``sparsity=0, quant="bitnet"`` is
+            dense BitNet b1.58.
         ste: straight-through gradient (True) or the masked-gradient ablation (False).
-        exclude: globs of module paths left dense; default: the output head.
+        exclude: globs of module paths left untouched (neither sparsified nor quantized);
+            default: the output head.
         strict: raise instead of warning when a projection cannot take the configuration
             (for example an input width that is not a multiple of ``m``).
         relu2_glu: replace the gate activation of GLU feed-forwards (``act(gate(x)) * up(x)``
@@ -216,19 +233,21 @@ class QSparseConfig:
     def plan_for(self, path: str) -> ProjectionPlan:
         """Resolve the configuration for the projection at module path ``path``."""
         if any(fnmatch.fnmatchcase(path, glob) for glob in self.exclude):
-            return ProjectionPlan(None, None, None)
+            return ProjectionPlan(None, None, None)  # excluded: untouched, not even quantized
+        q = self.quant
         matched = [v for glob, v in self.overrides.items() if fnmatch.fnmatchcase(path, glob)]
         sparsity = matched[-1] if matched else self.sparsity  # the last matching glob wins
         if self.method == "relu":
             # no sparsity value to resolve: on unless the global option or an override is 0/None
             off = (matched and not matched[-1]) or (not matched and self.sparsity == 0.0)
-            return ProjectionPlan(None, None, None) if off else ProjectionPlan("relu", None, None)
+            return ProjectionPlan(None, None, None, q) if off else ProjectionPlan(
+                "relu", None, None, q)
         if sparsity is None or sparsity == 0.0:
-            return ProjectionPlan(None, None, None)
+            return ProjectionPlan(None, None, None, q)
         if self.method == "block":
             n, m = self.block
-            return ProjectionPlan("block", 1.0 - n / m, self.block)
-        return ProjectionPlan("topk", sparsity, None)
+            return ProjectionPlan("block", 1.0 - n / m, self.block, q)
+        return ProjectionPlan("topk", sparsity, None, q)
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain, JSON-serialisable dict (round-trips through from_options)."""

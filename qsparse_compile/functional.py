@@ -18,17 +18,17 @@ qsparse = torch.ops.qsparse
 def sparsify_with_plan(x: torch.Tensor, plan: ProjectionPlan,
                        config: QSparseConfig) -> torch.Tensor:
     """Sparsify (and, if configured, int8-quantize) a projection input as ``plan`` says."""
-    if plan.dense:
-        return x
     rescale = config.rescale == "l2"
     if plan.method == "block":
         n, m = plan.block
         out = qsparse.block_sparsify(x, n, m, rescale, config.ste)
     elif plan.method == "relu":
         out = torch.relu(x)
-    else:
+    elif plan.method == "topk":
         out = qsparse.topk_sparsify(x, topk_count(x.shape[-1], plan.sparsity), rescale, config.ste)
-    if config.quant in ("int8", "bitnet"):
+    else:
+        out = x
+    if plan.quant in ("int8", "bitnet"):
         out = qsparse.int8_fake_quant(out)
     return out
 
@@ -52,6 +52,6 @@ def sparse_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """``sparsify(x) @ W^T + b`` with the config's semantics (ternary weights for bitnet)."""
     if plan.dense:
         return torch.nn.functional.linear(x, weight, bias)
-    if config.quant == "bitnet":
+    if plan.quant == "bitnet":
         weight = qsparse.ternary_fake_quant(weight)
     return qsparse.sparse_linear(sparsify_with_plan(x, plan, config), weight, bias)

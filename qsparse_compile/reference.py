@@ -143,16 +143,16 @@ def norm_sparsify(x: torch.Tensor, norm: str, weight: torch.Tensor | None,
 
 def sparsify_input(x: torch.Tensor, plan: ProjectionPlan, config: QSparseConfig) -> torch.Tensor:
     """A projection's input as the model sees it: sparsified by ``plan``, then quantized."""
-    if plan.dense:
-        return x
     if plan.method == "block":
         n, m = plan.block
         out = block_sparsify(x, n, m, config.rescale, config.ste)
     elif plan.method == "relu":
         out = torch.relu(x)  # the baseline: an ordinary ReLU, ordinary gradient
-    else:
+    elif plan.method == "topk":
         out = topk_sparsify(x, topk_count(x.shape[-1], plan.sparsity), config.rescale, config.ste)
-    if config.quant in ("int8", "bitnet"):
+    else:
+        out = x
+    if plan.quant in ("int8", "bitnet"):
         out = int8_fake_quant(out)
     return out
 
@@ -167,7 +167,7 @@ def projection(
     """``y = sparsify(x) W^T + b`` as specified; ternary weights when ``quant="bitnet"``."""
     if plan.dense:
         return torch.nn.functional.linear(x, weight, bias)
-    if config.quant == "bitnet":
+    if plan.quant == "bitnet":
         weight = ternary_fake_quant(weight)
     return torch.nn.functional.linear(sparsify_input(x, plan, config), weight, bias)
 
@@ -202,7 +202,7 @@ def reference_model(model: torch.nn.Module, config: QSparseConfig | None = None,
         plan = config.plan_for(path)
         in_features = weight.shape[0] if transposed else weight.shape[1]
         if plan.method == "block" and in_features % plan.block[1]:
-            plan = ProjectionPlan(None, None, None)
+            plan = plan.without_sparsity()  # as the rewrite pass does: not sparsified
         handles.append(module.register_forward_hook(hook(plan, transposed)))
     try:
         yield model

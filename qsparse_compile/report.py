@@ -23,7 +23,7 @@ def projection_row(path: str, in_features: int, out_features: int, plan: Project
                    k: int | None, note: str = "") -> dict[str, Any]:
     """One row: ``activated_params`` counts the weights a sparse product reads (``k * out``)."""
     params = in_features * out_features
-    if plan.dense:
+    if not plan.sparse:
         method, sparsity, kept = "dense", 0.0, in_features
     elif plan.method == "block":
         method, sparsity, kept = f"block {plan.block[0]}:{plan.block[1]}", plan.sparsity, k
@@ -39,6 +39,7 @@ def projection_row(path: str, in_features: int, out_features: int, plan: Project
         "out_features": out_features,
         "shape": f"{out_features}x{in_features}",
         "method": method,
+        "quant": plan.quant,
         "sparsity": round(float(sparsity), 6),
         "k": int(kept),
         "params": params,

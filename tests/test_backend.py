@@ -38,6 +38,7 @@ VARIANTS = {
     "l2": {"sparsity": 0.5, "rescale": "l2"},
     "int8": {"sparsity": 0.5, "quant": "int8"},
     "bitnet": {"sparsity": 0.4, "quant": "bitnet"},
+    "bitnet-dense": {"sparsity": 0.0, "quant": "bitnet"},
     "bitnet-l2-block-2:4": {"method": "block", "block": (2, 4), "quant": "bitnet",
                             "rescale": "l2"},
     "int8-nofuse": {"sparsity": 0.6, "quant": "int8", "fuse": False},

@@ -206,6 +206,29 @@ def test_plan_for_projection():
     assert plan == ProjectionPlan("topk", 0.4, None) and not plan.dense
 
 
+@pytest.mark.parametrize("quant", ["int8", "bitnet"])
+@pytest.mark.parametrize("options", [
+    {"sparsity": 0.0},
+    {"sparsity": 0.5, "overrides": {"*.q_proj": 0}},
+    {"sparsity": 0.5, "overrides": {"*.q_proj": None}},
+    {"method": "block", "block": (2, 4), "overrides": {"*.q_proj": 0}},
+    {"method": "relu", "sparsity": 0.0},
+], ids=["sparsity-0", "override-0", "override-none", "block-override-0", "relu-off"])
+def test_quantization_does_not_depend_on_sparsity(quant, options):
+    """A projection that is not sparsified is still quantized (dense BitNet is sparsity 0)."""
+    plan = QSparseConfig(quant=quant, **options).plan_for("model.layers.0.self_attn.q_proj")
+    assert plan == ProjectionPlan(None, None, None, quant)
+    assert not plan.sparse and not plan.dense
+
+
+def test_excluded_projections_are_not_quantized():
+    config = QSparseConfig(sparsity=0.5, quant="bitnet", exclude=("lm_head", "*.o_proj"))
+    for path in ("lm_head", "model.layers.0.self_attn.o_proj"):
+        assert config.plan_for(path) == DENSE and config.plan_for(path).dense
+    assert config.plan_for("model.layers.0.mlp.up_proj") == ProjectionPlan("topk", 0.5, None,
+                                                                           "bitnet")
+
+
 def test_last_matching_override_wins():
     """Overrides apply in the order given; a later, more general glob overrules an earlier one."""
     path = "model.layers.3.mlp.down_proj"

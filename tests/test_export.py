@@ -126,8 +126,11 @@ def test_accepts_a_config_as_well_as_options(llama_case):
     assert op_counts(from_config.graph_module) == op_counts(from_options.graph_module)
     torch.testing.assert_close(a, _reference(model, ids, config=config), atol=1e-5, rtol=1e-5)
     # keyword options override the config's fields
-    overridden = qc.sparsify_exported(ep, config, sparsity=0.0, overrides={})
+    overridden = qc.sparsify_exported(ep, config, sparsity=0.0, overrides={}, quant=None)
     assert op_counts(overridden.graph_module)["sparse_linear"] == 0
+    # sparsity 0 with a quantizer: every input quantized, none masked
+    quantized = op_counts(qc.sparsify_exported(ep, config, sparsity=0.0, overrides={}).graph_module)
+    assert quantized["topk_sparsify"] == 0 and quantized["int8_fake_quant"] > 0
 
 
 def test_bitnet_program_quantizes_weights_and_inputs(llama_case):

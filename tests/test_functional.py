@@ -80,7 +80,15 @@ def test_sparsify_default_keeps_half(dtype, data):
 def test_zero_sparsity_leaves_input_dense(dtype):
     x = torch.randn(3, 7).to(dtype)
     assert sparsify(x, 0.0) is x
-    assert sparsify(x, 0.0, rescale="l2", quant="int8") is x
+    assert sparsify(x, 0.0, rescale="l2") is x
+
+
+@dtypes
+def test_zero_sparsity_still_quantizes(dtype):
+    """Quantization does not depend on the sparsity: at 0 the input is quantized, not masked."""
+    x = torch.randn(3, 7).to(dtype)
+    for quant in ("int8", "bitnet"):
+        assert_identical(sparsify(x, 0.0, rescale="l2", quant=quant), reference.int8_fake_quant(x))
 
 
 @dtypes

@@ -162,6 +162,15 @@ def test_projection_bitnet_uses_ternary_weights_and_int8_activations():
     assert_identical(reference.projection(x, w, b, plan, config), expected)
 
 
+def test_projection_bitnet_at_sparsity_zero_quantizes_without_masking():
+    config = QSparseConfig(sparsity=0, quant="bitnet")
+    plan = config.plan_for("mlp.up_proj")
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    expected = torch.nn.functional.linear(reference.int8_fake_quant(x),
+                                          reference.ternary_fake_quant(w), b)
+    assert_identical(reference.projection(x, w, b, plan, config), expected)
+
+
 def test_projection_dense_plan_is_plain_linear():
     config = QSparseConfig(sparsity=0.5, quant="bitnet")
     x, w = torch.randn(3, 8), torch.randn(5, 8)

@@ -17,7 +17,7 @@ from qsparse_compile.config import topk_count
 from qsparse_compile.models.tiny_llama import TinyLlama, TinyLlamaConfig
 from qsparse_compile.report import COLUMNS, rows_from_records
 
-KEYS = set(COLUMNS) | {"in_features", "out_features", "note"}
+KEYS = set(COLUMNS) | {"in_features", "out_features", "quant", "note"}
 
 
 def _tiny_llama(intermediate_size: int = 64) -> torch.nn.Module:

@@ -40,7 +40,7 @@ def plan_projection(proj: Projection, config: QSparseConfig) -> tuple[Projection
                                                                        str]:
     """Resolve the plan for one projection; block patterns that do not fit stay dense."""
     plan = config.plan_for(proj.path)
-    if plan.dense:
+    if not plan.sparse:
         return plan, None, ""
     if plan.method == "block":
         n, m = plan.block
@@ -50,7 +50,7 @@ def plan_projection(proj: Projection, config: QSparseConfig) -> tuple[Projection
             if config.strict:
                 raise ValueError(msg + " (strict=True)")
             warnings.warn(msg + "; left dense", stacklevel=3)
-            return ProjectionPlan(None, None, None), None, "width not a multiple of m"
+            return plan.without_sparsity(), None, "width not a multiple of m"
         return plan, n * (proj.in_features // m), ""
     if plan.method == "relu":
         return plan, None, "sparsity depends on the data"
@@ -78,7 +78,7 @@ def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
         node = proj.node
         proj.x = replaced.get(proj.x, proj.x)
         with graph.inserting_before(node):
-            key = (proj.x, plan.method, k, plan.block)
+            key = (proj.x, plan.method, k, plan.block, plan.quant)
             xs = shared.get(key)
             if xs is None:
                 rescale = config.rescale == "l2"
@@ -88,16 +88,18 @@ def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
                                  (proj.x, n, m, rescale, config.ste), node)
                 elif plan.method == "relu":
                     xs = _insert(graph, aten.relu.default, (proj.x,), node)
-                else:
+                elif plan.method == "topk":
                     xs = _insert(graph, qsparse.topk_sparsify.default,
                                  (proj.x, k, rescale, config.ste), node)
-                if config.quant in ("int8", "bitnet"):
+                else:
+                    xs = proj.x  # not sparsified, only quantized
+                if plan.quant in ("int8", "bitnet"):
                     xs = _insert(graph, qsparse.int8_fake_quant.default, (xs,), node)
                 shared[key] = xs
             weight = proj.weight
             if proj.weight_layout == "in_out":
                 weight = _insert(graph, aten.t.default, (weight,), node)
-            if config.quant == "bitnet":
+            if plan.quant == "bitnet":
                 weight = _insert(graph, qsparse.ternary_fake_quant.default, (weight,), node)
             bias, extra_bias = proj.bias, None
             bias_meta = tensor_meta(bias)

@@ -98,6 +98,25 @@ def test_quantizers_are_inserted(quant, int8, ternary):
         torch.testing.assert_close(gm(x), _manual_reference(module, x, config))
 
 
+@pytest.mark.parametrize("quant", ["int8", "bitnet"])
+@pytest.mark.parametrize("options", [{"sparsity": 0.0}, {"sparsity": 0.5, "overrides": {"*": 0}}],
+                         ids=["sparsity-0", "override-0"])
+def test_quantization_without_sparsity_is_still_inserted(quant, options):
+    """``quant`` is independent of the sparsity: at 0 the inputs are quantized, not masked."""
+    torch.manual_seed(0)
+    module, x = QKVO(bias=True), torch.randn(4, 16)
+    config = QSparseConfig(quant=quant, **options)
+    gm, records, _, after = _rewrite(module, x, config)
+    assert after["topk_sparsify"] == 0 and after["sparse_linear"] == 5
+    assert after["int8_fake_quant"] == 3  # q/k/v share one quantized input
+    assert after["ternary_fake_quant"] == (5 if quant == "bitnet" else 0)
+    assert all(r.plan == ProjectionPlan(None, None, None, quant) for r in records)
+    with torch.no_grad():
+        out = gm(x)
+        torch.testing.assert_close(out, _manual_reference(module, x, config))
+        assert not torch.allclose(out, module(x))  # not the unquantized model
+
+
 def test_dense_plans_leave_the_graph_alone():
     torch.manual_seed(0)
     module, x = QKVO(), torch.randn(4, 16)
