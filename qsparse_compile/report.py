@@ -16,7 +16,8 @@ from .config import ProjectionPlan, QSparseConfig
 from .passes.module_path import role_of
 from .passes.rewrite import RewrittenProjection
 
-COLUMNS = ("path", "role", "shape", "method", "sparsity", "k", "params", "activated_params")
+COLUMNS = ("path", "role", "shape", "method", "quant", "sparsity", "k", "params",
+           "activated_params")
 
 
 def projection_row(path: str, in_features: int, out_features: int, plan: ProjectionPlan,
@@ -88,6 +89,8 @@ class Report(list):
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     return f"{value:g}" if isinstance(value, float) else f"{value:,}" if isinstance(
         value, int) else str(value)
 
