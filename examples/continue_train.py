@@ -257,11 +257,16 @@ def training_free(s: Settings, out: Path, command: str, resume: bool) -> dict[st
 
 def fine_tune(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, resume: bool,
               stop_at: int | None = None, progress: bool = True,
-              keep_checkpoint: bool = False) -> dict[str, Any]:
-    """Continue-train the pretrained model under ``FINE_TUNE[name]``, then evaluate it."""
+              keep_checkpoint: bool = False, tag: str | None = None) -> dict[str, Any]:
+    """Continue-train the pretrained model under ``FINE_TUNE[name]``, then evaluate it.
+
+    ``tag`` names the files ``<name>-<tag>``: a run with other settings (a longer budget)
+    beside the standard one.
+    """
     set_threads(s.threads)
     options = FINE_TUNE[name]
-    log_path, ckpt_path = out / f"{name}.json", ckpt_dir / f"{name}.pt"
+    stem = f"{name}-{tag}" if tag else name
+    log_path, ckpt_path = out / f"{stem}.json", ckpt_dir / f"{stem}.pt"
     model, tokenizer = load_model(s.layers)
     data = TokenData(tokenizer, ckpt_dir, s.train_chars)
     windows = data.eval_windows(s.eval_seqs, s.eval_len)
@@ -396,6 +401,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--stop-at", type=int, help="stop after this step (checkpointed)")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the trained weights when a run completes")
+    p.add_argument("--tag", help="suffix of the continue-training logs and checkpoints, for "
+                   "runs with non-default settings (e.g. --steps 96 --tag 96steps)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -426,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         else:
             logs[name] = fine_tune(name, s, args.out, args.ckpt_dir, command, args.resume,
                                    args.stop_at, progress=not args.quiet,
-                                   keep_checkpoint=args.keep_checkpoint)
+                                   keep_checkpoint=args.keep_checkpoint, tag=args.tag)
     return logs
 
 

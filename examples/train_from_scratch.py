@@ -61,13 +61,6 @@ from qsparse_compile.models import TinyLlama, TinyLlamaConfig
 from qsparse_compile.passes.module_path import role_of
 from qsparse_compile.report import rows_from_records
 
-#: ``quant="bitnet"`` with sparsity 0 leaves every projection dense *and unquantized* (the
-#: plan is "dense", and dense projections are not rewritten). A top-K sparsity this small
-#: keeps every entry (``k = round((1 - s) * D) = D`` for every width below 5000) while
-#: routing each projection through the quantized path: dense BitNet b1.58. The run checks
-#: ``k == D`` for every projection it compiles.
-KEEP_ALL = 1e-4
-
 #: The runs: qsparse options (``relu2_glu`` and ``inner`` are added to all of them).
 RUNS: dict[str, dict[str, Any]] = {
     "dense": {"sparsity": 0.0},
@@ -75,7 +68,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "topk40-noste": {"sparsity": 0.4, "ste": False},
     "relu": {"method": "relu"},
     "block16-32": {"method": "block", "block": (16, 32)},
-    "bitnet-dense": {"quant": "bitnet", "sparsity": KEEP_ALL},
+    "bitnet-dense": {"quant": "bitnet", "sparsity": 0.0},  # quantized, not sparsified
     "bitnet-topk61": {"quant": "bitnet", "sparsity": 0.6125},
 }
 
@@ -309,10 +302,11 @@ def compiled_summary(name: str) -> dict[str, Any]:
     run's intent: a projection silently left dense would make the comparison meaningless."""
     results = backend.last_results(64)
     rows = rows_from_records(r for res in results for r in res.records)
-    if name == "bitnet-dense":
-        wrong = [r["path"] for r in rows if r["role"] != "head" and r["k"] != r["in_features"]]
+    if RUNS[name].get("quant"):
+        quant = RUNS[name]["quant"]
+        wrong = [r["path"] for r in rows if r["role"] != "head" and r["quant"] != quant]
         if wrong:
-            raise RuntimeError(f"bitnet-dense: k != D for {wrong}; KEEP_ALL is too large")
+            raise RuntimeError(f"{name}: projections not quantized: {wrong}")
     return {
         "graphs": len(results),
         "relu2_replaced": sum(res.relu2 for res in results),
