@@ -311,8 +311,8 @@ def compiled_summary(name: str) -> dict[str, Any]:
         "graphs": len(results),
         "relu2_replaced": sum(res.relu2 for res in results),
         "fused": sum(res.fused for res in results),
-        "projections": [{"path": r["path"], "method": r["method"], "k": r["k"],
-                         "in_features": r["in_features"]} for r in rows],
+        "projections": [{"path": r["path"], "method": r["method"], "quant": r["quant"],
+                         "k": r["k"], "in_features": r["in_features"]} for r in rows],
         "activated_fraction": round(rows.totals["activated_fraction"], 4),
     }
 

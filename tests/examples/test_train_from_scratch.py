@@ -84,7 +84,10 @@ def test_bitnet_dense_quantizes_every_projection_and_keeps_every_entry(tmp_path)
     log = _run(tmp_path, "bitnet-dense", "--steps", "12")
     assert all(math.isfinite(x) for x in log["train_loss"])
     rows = [p for p in log["compiled"]["projections"] if p["path"] != "lm_head"]
-    assert rows and all(p["method"] == "topk" and p["k"] == p["in_features"] for p in rows)
+    assert rows and all(p["method"] == "dense" and p["quant"] == "bitnet"
+                        and p["k"] == p["in_features"] for p in rows)
+    head = [p for p in log["compiled"]["projections"] if p["path"] == "lm_head"]
+    assert head and head[0]["quant"] is None  # excluded: neither sparsified nor quantized
 
 
 @pytest.mark.parametrize("name", ["topk40", "relu", "bitnet-topk61"])
