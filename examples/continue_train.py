@@ -45,6 +45,7 @@ from recipe_common import (
     load_checkpoint,
     provenance,
     read_json,
+    recipe_parser,
     save_checkpoint,
     set_lr,
     set_threads,
@@ -376,34 +377,13 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", choices=RUN_NAMES, action="append",
-                       help="run (repeatable)")
-    which.add_argument("--all", action="store_true", help="every run, one after the other")
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default {Settings.steps})")
-    p.add_argument("--batch", type=int, help=f"sequences per step (default {Settings.batch})")
-    p.add_argument("--seq", type=int, help=f"tokens per training sequence ({Settings.seq})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {Settings.lr})")
+    p = recipe_parser(__doc__, RUN_NAMES, Settings, REPO / "docs/results/logs/continue_train",
+                      REPO / "runs/continue_train", "eager", "tokens")
     p.add_argument("--eval-seqs", type=int, help=f"held-out windows ({Settings.eval_seqs})")
-    p.add_argument("--eval-every", type=int, help="steps between quick validations")
-    p.add_argument("--seed", type=int, help="data order (default 0)")
-    p.add_argument("--inner", choices=("inductor", "eager"),
-                   help="the qsparse backend's inner compiler (default eager)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
-    p.add_argument("--tiny", action="store_true", help="smoke-test settings")
-    p.add_argument("--out", type=Path, default=REPO / "docs/results/logs/continue_train",
-                   help="folder of the JSON logs")
-    p.add_argument("--ckpt-dir", type=Path, default=REPO / "runs/continue_train",
-                   help="folder of the checkpoints (not committed)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    p.add_argument("--stop-at", type=int, help="stop after this step (checkpointed)")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the trained weights when a run completes")
     p.add_argument("--tag", help="suffix of the continue-training logs and checkpoints, for "
                    "runs with non-default settings (e.g. --steps 96 --tag 96steps)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 

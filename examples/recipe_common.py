@@ -6,6 +6,7 @@ Nothing here is about sparsity; it keeps the two recipes short and their logs al
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -109,3 +110,34 @@ def set_threads(threads: int) -> None:
 
 def rounded(values: Sequence[float], digits: int = 4) -> list[float]:
     return [round(float(v), digits) for v in values]
+
+
+def recipe_parser(doc: str, runs: Sequence[str], defaults: Any, out: Path, ckpt_dir: Path,
+                  inner_default: str, seq_unit: str) -> argparse.ArgumentParser:
+    """The command line the recipes share: which runs, the training budget, the compiler,
+    where logs and checkpoints go, resuming. ``defaults`` is the recipe's settings object
+    (its field values are shown in the help)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", choices=list(runs), action="append", help="run (repeatable)")
+    which.add_argument("--all", action="store_true", help="every run, one after the other")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults.steps})")
+    p.add_argument("--batch", type=int, help=f"sequences per step (default {defaults.batch})")
+    p.add_argument("--seq", type=int, help=f"{seq_unit} per training sequence "
+                   f"(default {defaults.seq})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
+    p.add_argument("--eval-every", type=int, help="steps between validation points")
+    p.add_argument("--seed", type=int, help="data order (and initial weights; default 0)")
+    p.add_argument("--inner", choices=("inductor", "eager"),
+                   help=f"the qsparse backend's inner compiler (default {inner_default})")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
+    p.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds)")
+    p.add_argument("--out", type=Path, default=out, help="folder of the JSON logs")
+    p.add_argument("--ckpt-dir", type=Path, default=ckpt_dir,
+                   help="folder of the checkpoints (not committed)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--stop-at", type=int, help="stop after this step (checkpointed), to be "
+                   "continued with --resume")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p

@@ -46,6 +46,7 @@ from recipe_common import (
     cosine_lr,
     load_checkpoint,
     provenance,
+    recipe_parser,
     save_checkpoint,
     set_lr,
     set_threads,
@@ -321,30 +322,8 @@ def compiled_summary(name: str) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", choices=list(RUNS), action="append",
-                       help="run to train (repeatable)")
-    which.add_argument("--all", action="store_true", help="every run, one after the other")
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default {Settings.steps})")
-    p.add_argument("--batch", type=int, help=f"sequences per step (default {Settings.batch})")
-    p.add_argument("--seq", type=int, help=f"bytes per sequence (default {Settings.seq})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {Settings.lr})")
-    p.add_argument("--eval-every", type=int, help="steps between validation/sparsity points")
-    p.add_argument("--seed", type=int, help="data order and initial weights (default 0)")
-    p.add_argument("--inner", choices=("inductor", "eager"),
-                   help="the qsparse backend's inner compiler (default inductor)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
-    p.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds)")
-    p.add_argument("--out", type=Path, default=REPO / "docs/results/logs/from_scratch",
-                   help="folder of the JSON logs")
-    p.add_argument("--ckpt-dir", type=Path, default=REPO / "runs/from_scratch",
-                   help="folder of the checkpoints (not committed)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    p.add_argument("--stop-at", type=int, help="stop after this step (checkpointed), to be "
-                   "continued with --resume")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = recipe_parser(__doc__, list(RUNS), Settings, REPO / "docs/results/logs/from_scratch",
+                      REPO / "runs/from_scratch", "inductor", "bytes")
     return p.parse_args(argv)
 
 

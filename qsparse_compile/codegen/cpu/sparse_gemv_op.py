@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .compiler import load_library
+from .operands import check_gemv_operands
 from .sparse_gemv_template import MAX_TOKENS, SUPPORTED_DTYPES, GemvSpec, render
 
 __all__ = [
@@ -90,26 +91,7 @@ def _kernel_for(dtype: torch.dtype, tokens: int) -> Callable[..., int]:
 
 
 def _check(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
-    for label, t in (("x", x), ("weight_t", weight_t), ("bias", bias)):
-        if t is not None and t.dtype not in SUPPORTED_DTYPES:
-            allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-            raise TypeError(f"{_OP}: {label} has dtype {t.dtype}; allowed: {allowed}")
-    if weight_t.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            f"{_OP}: x, weight_t and bias must share a dtype, got x {x.dtype}, "
-            f"weight_t {weight_t.dtype}, bias {None if bias is None else bias.dtype}"
-        )
-    if weight_t.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight_t.shape[0]:
-        raise ValueError(
-            f"{_OP}: expected x [..., in_features] and weight_t [in_features, out_features] "
-            f"(W^T, see prepare_weight), got x {tuple(x.shape)} and weight_t "
-            f"{tuple(weight_t.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight_t.shape[1],):
-        raise ValueError(
-            f"{_OP}: bias must have shape ({weight_t.shape[1]},) (out_features), "
-            f"got {tuple(bias.shape)}"
-        )
+    check_gemv_operands(_OP, x, weight_t, bias, SUPPORTED_DTYPES, "prepare_weight")
 
 
 def prepare_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
