@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_model, others_busy_cpus
 
 from qsparse_compile.codegen.cpu import prepare_weight, sparse_gemv
 from qsparse_compile.codegen.cpu.cost_model import CacheFlusher
@@ -41,50 +40,6 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_featu
 SPARSITIES = [0.0, 0.4, 0.5, 0.6, 0.8]
 #: Targets for one token, fp32: sparsity -> least speed-up over dense F.linear.
 TARGETS = {0.5: 1.7, 0.4: 1.4}
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name and its widest vector extension."""
-    name = platform.processor() or platform.machine()
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), "x86_64"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    vector = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    return f"{name} ({vector})"
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def _own_jiffies() -> int:
-    """User + system clock ticks of this process (all its threads)."""
-    stat = Path("/proc/self/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime
-
-
-def others_busy_cpus(window_s: float = 0.1) -> float:
-    """How many CPUs other processes kept busy during a short window (0 when unknown)."""
-    try:
-        busy0, total0 = _cpu_jiffies()
-        own0 = _own_jiffies()
-        time.sleep(window_s)
-        busy1, total1 = _cpu_jiffies()
-        own1 = _own_jiffies()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    cpus = os.cpu_count() or 1
-    return cpus * max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0)
 
 
 def wait_until_quiet(max_wait_s: float, threshold: float = 0.3) -> bool:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import cpu_model, others_busy_cpus
 
 from qsparse_compile.backend import last_results
 from qsparse_compile.config import QSparseConfig, topk_count
@@ -50,41 +49,6 @@ FALLBACK_PROMPT = (
 )
 #: The goal of the decode path: this fraction of the byte-count limit, end to end.
 TARGET_FRACTION = 0.8
-
-
-def cpu_model() -> str:
-    """The CPU's name and its widest vector extension."""
-    name, flags = platform.machine(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == platform.machine():
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    vector = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    return f"{name} ({vector}, {os.cpu_count()} logical CPUs)"
-
-
-def others_busy_cpus(window_s: float = 0.2) -> float:
-    """How many CPUs other processes kept busy during a short window (from /proc/stat)."""
-
-    def sample() -> tuple[int, int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        stat = Path("/proc/self/stat").read_text()
-        own = stat[stat.rindex(")") + 2:].split()
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])
-
-    try:
-        busy0, total0, own0 = sample()
-        time.sleep(window_s)
-        busy1, total1, own1 = sample()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    cpus = os.cpu_count() or 1
-    return cpus * max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0)
 
 
 def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
@@ -248,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios, busy, tokens_stable = [], [], True
     for i in range(args.rounds):
         order = list(paths) if i % 2 == 0 else list(paths)[::-1]
-        busy.append(others_busy_cpus())
+        busy.append(others_busy_cpus(0.2))
         for name in order:
             out, seconds = paths[name].run()
             tokens_stable &= torch.equal(out, tokens[name])
