@@ -90,7 +90,7 @@ def bench_case(
 
     def timed(fn) -> float:
         if flush is not None:
-            flush()
+            return flush.time_ms(fn)
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3

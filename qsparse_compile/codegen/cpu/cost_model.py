@@ -38,6 +38,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -189,6 +190,13 @@ class CacheFlusher:
         """Stream through the buffer; returns its sum so the read cannot be optimised away."""
         return float(self._buffer.sum())
 
+    def time_ms(self, fn: Callable[[], object]) -> float:
+        """Milliseconds one call of ``fn`` takes right after the caches were evicted."""
+        self()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
 
 def _measure_topk_linear(
     in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
@@ -209,11 +217,7 @@ def _measure_topk_linear(
     ks = [max(1, round(d * K)) for d in CALIBRATION_DENSITIES]
     flush = CacheFlusher()
 
-    def timed(fn) -> float:
-        flush()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
+    timed = flush.time_ms
 
     with torch.no_grad():
         op(activations(), ks[0], 0, 0, False, weight_t, None, MAX_ROWS)  # build, fault pages
@@ -262,11 +266,7 @@ def _measure(
     chunks = math.ceil(tokens / MAX_TOKENS)
     flush = CacheFlusher()
 
-    def timed(fn) -> float:
-        flush()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
+    timed = flush.time_ms
 
     # timed through the dispatcher, as a model calls it: the op's Python layers cost ~30 us
     # warm and ~0.1-0.2 ms with cold caches, which decides small projections for dense
