@@ -2,11 +2,13 @@
 
 Importing this package registers ``torch.ops.qsparse.*``: ``topk_mask``, ``block_mask``,
 ``topk_sparsify``, ``block_sparsify``, ``int8_fake_quant``, ``ternary_fake_quant``,
-``sparse_linear`` and ``norm_sparsify`` (fused norm + sparsify + quant). Each has a CPU
-implementation, a fake (meta) implementation for tracing, and an autograd formula
-(straight-through for the sparsifiers and quantizers).
+``sparse_linear``, ``block_sparse_linear`` (``sparse_linear`` on an input masked N:M, which
+CUDA may run as a 2:4 semi-structured product) and ``norm_sparsify`` (fused norm + sparsify +
+quant). Each has a CPU implementation, a fake (meta) implementation for tracing, and an
+autograd formula (straight-through for the sparsifiers and quantizers).
 """
 
+from .block_linear import block_sparse_linear
 from .linear import sparse_linear
 from .mask import block_mask, topk_mask
 from .norm_sparsify import norm_sparsify
@@ -21,5 +23,6 @@ __all__ = [
     "int8_fake_quant",
     "ternary_fake_quant",
     "sparse_linear",
+    "block_sparse_linear",
     "norm_sparsify",
 ]

@@ -50,17 +50,27 @@ def _mask(h: torch.Tensor, k: int, n: int, m: int) -> torch.Tensor:
     return block_mask(h, n, m) if m else topk_mask(h, k)
 
 
+def compose(x: torch.Tensor, norm: str, weight: torch.Tensor | None,
+            bias: torch.Tensor | None, eps: float, k: int, n: int, m: int, rescale: bool,
+            quant: bool) -> torch.Tensor:
+    """The op's forward composed of the unfused ops, on any device (arguments unchecked).
+
+    Device kernels registered for the op fall back to it where they do not apply.
+    """
+    h = normalise(x, norm, weight, bias, eps)
+    out = apply_mask(h, _mask(h, k, n, m), rescale)
+    if quant:
+        out = torch.ops.qsparse.int8_fake_quant(out)
+    return out.contiguous()
+
+
 @torch.library.custom_op("qsparse::norm_sparsify", mutates_args=())
 def norm_sparsify(x: torch.Tensor, norm: str, weight: torch.Tensor | None,
                   bias: torch.Tensor | None, eps: float, k: int, n: int, m: int,
                   rescale: bool, quant: bool, ste: bool) -> torch.Tensor:
     """``int8?(sparsify(norm(x)))``: see the module docstring for each argument."""
     _check(x, norm, k, n, m, real=True)
-    h = normalise(x, norm, weight, bias, eps)
-    out = apply_mask(h, _mask(h, k, n, m), rescale)
-    if quant:
-        out = torch.ops.qsparse.int8_fake_quant(out)
-    return out.contiguous()
+    return compose(x, norm, weight, bias, eps, k, n, m, rescale, quant)
 
 
 @norm_sparsify.register_fake

@@ -40,21 +40,27 @@ is K-major already: a group of one such projection uses it without a copy.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 
 import torch
 import torch.fx
-from torch._dynamo.source import ConstantSource
-from torch._guards import detect_fake_mode
 
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
 from ..codegen.cpu import topk_linear_op  # noqa: F401  (registers qsparse::cpu_topk_linear)
 from ..codegen.cpu.cost_model import choose_sparse
 from ..codegen.cpu.topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES
 from ..config import QSparseConfig
-from .graph_utils import _run_fake, insert_call
+from .decode_groups import (
+    BUFFER_PREFIX,
+    Member,
+    group_members,
+    prepared_bias,
+    register_constant,
+    sparse_linear_inputs,
+    splice_group,
+    static_rows,
+)
+from .graph_utils import insert_call
 from .projections import tensor_meta
 from .share_inputs import _row_preserving
 from .weights import WeightTable
@@ -65,19 +71,7 @@ qsparse = torch.ops.qsparse
 #: Row counts the cost model is asked about, largest last.
 ROW_CANDIDATES = (1, 2, 4, 8)
 
-#: Prefix of the buffers holding the prepared weights on the graph module.
-BUFFER_PREFIX = "_qsparse_decode"
-
-
-@dataclasses.dataclass
-class _Member:
-    """One projection of a group: ``sparse_linear(x_node, weight, bias)``."""
-
-    node: torch.fx.Node
-    weight: torch.Tensor  # the real tensor
-    layout: str  # "out_in" (nn.Linear) or "in_out" (Conv1D, read through aten.t)
-    bias: torch.Tensor | None
-    out_features: int
+__all__ = ["BUFFER_PREFIX", "ROW_CANDIDATES", "prepare_cpu_decode"]
 
 
 def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
@@ -95,35 +89,6 @@ def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
     return best
 
 
-def _real_value(gm: torch.fx.GraphModule, weights: WeightTable,
-                node: object) -> torch.Tensor | None:
-    """The real tensor behind a weight node (a Dynamo placeholder or a ``get_attr``)."""
-    if not weights.is_weight(node):
-        return None
-    value = weights.value(node)
-    if value is None and node.op == "get_attr":
-        value = gm
-        for atom in str(node.target).split("."):
-            value = getattr(value, atom, None)
-    if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
-        return None
-    return value
-
-
-def _weight_of(gm: torch.fx.GraphModule, weights: WeightTable,
-               node: object) -> tuple[torch.Tensor, str] | None:
-    """(real weight, layout) for a ``sparse_linear`` weight argument, or None."""
-    value = _real_value(gm, weights, node)
-    if value is not None:
-        return value, "out_in"
-    if isinstance(node, torch.fx.Node) and node.op == "call_function" and \
-            node.target == aten.t.default:
-        value = _real_value(gm, weights, node.args[0])
-        if value is not None:
-            return value, "in_out"
-    return None
-
-
 def _chain_to_sparsify(x: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
     """(sparsify node, row-preserving views from it down to ``x``), or None."""
     chain: list[torch.fx.Node] = []
@@ -138,107 +103,12 @@ def _chain_to_sparsify(x: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.N
         node = node.args[0]
 
 
-def _static_rows(meta: torch.Tensor) -> int | None:
-    """Rows per call (product of the leading dims) when all are static ints, else None."""
-    # int() of a SymInt does not fail: it specialises the size (a guard), so a graph compiled
-    # for dynamic sequence lengths would recompile for every length. Only plain ints count.
-    if not all(isinstance(s, int) for s in meta.shape[:-1]):
-        return None
-    return math.prod(meta.shape[:-1])
-
-
-def _register(gm: torch.fx.GraphModule, tensor: torch.Tensor, like: torch.fx.Node,
-              prefix: str) -> torch.fx.Node:
-    """Register ``tensor`` as a buffer of ``gm`` and return a ``get_attr`` node reading it.
-
-    AOTAutograd (Inductor's front end) lifts a Dynamo graph's buffers to graph inputs, so the
-    prepared weight is passed by reference on every call and fake-ified like a parameter while
-    tracing; it requires a Dynamo source for each lifted name (used to deduplicate inputs),
-    which a tensor made here gets as a :class:`ConstantSource` named after the buffer.
-    """
-    index = 0
-    while hasattr(gm, f"{BUFFER_PREFIX}_{prefix}{index}"):
-        index += 1
-    name = f"{BUFFER_PREFIX}_{prefix}{index}"
-    gm.register_buffer(name, tensor)
-    sources = getattr(gm, "_param_name_to_source", None)
-    if isinstance(sources, dict):
-        sources[name] = ConstantSource(f"{type(gm).__name__}.{name}")
-    node = gm.graph.get_attr(name)
-    fake_mode = detect_fake_mode([tensor_meta(like)])
-    if fake_mode is not None:
-        node.meta["val" if "val" in like.meta else "example_value"] = fake_mode.from_tensor(
-            tensor, static_shapes=True)
-    return node
-
-
-_VIEWS = {aten.view.default, aten._unsafe_view.default, torch.Tensor.view}
-
-
-def _make_viewable(graph: torch.fx.Graph, out: torch.fx.Node) -> None:
-    """Give ``view`` users of a column slice a contiguous copy where they need one.
-
-    A slice of the group's output is a strided view (its rows are ``sum(out_features)``
-    apart); with one row that is contiguous anyway, and a ``view`` that only splits the last
-    dimension (heads) works on it, but one that merges the last dimension with another does
-    not. Such users are found by re-running them on the fake slice.
-    """
-    for user in list(out.users):
-        is_view = (user.op == "call_method" and user.target == "view") or (
-            user.op == "call_function" and user.target in _VIEWS)
-        if not is_view:
-            continue
-        try:
-            _run_fake(user)
-        except RuntimeError:
-            with graph.inserting_before(user):
-                copy = insert_call(graph, aten.clone.default, (out,), out,
-                                   kwargs={"memory_format": torch.contiguous_format})
-            user.replace_input_with(out, copy)
-
-
-def _group_members(gm: torch.fx.GraphModule, weights: WeightTable, x_node: torch.fx.Node,
-                   dtype: torch.dtype) -> list[_Member] | None:
-    """The projections reading ``x_node``, if every user of it is one that qualifies."""
-    members = []
-    for user in x_node.users:
-        if not (user.op == "call_function" and user.target == qsparse.sparse_linear.default
-                and user.args[0] is x_node and not user.kwargs):
-            return None
-        found = _weight_of(gm, weights, user.args[1])
-        if found is None:
-            return None
-        weight, layout = found
-        bias_node = user.args[2] if len(user.args) > 2 else None
-        bias = None
-        if bias_node is not None:
-            bias = _real_value(gm, weights, bias_node)
-            if bias is None or bias.dim() != 1:
-                return None
-        if any(t is not None and (not t.is_cpu or t.dtype != dtype) for t in (weight, bias)):
-            return None
-        out_features = weight.shape[0] if layout == "out_in" else weight.shape[1]
-        if bias is not None and bias.shape[0] != out_features:
-            return None
-        members.append(_Member(user, weight, layout, bias, out_features))
-    return members or None
-
-
-def _prepared_weight(members: list[_Member], dtype: torch.dtype) -> torch.Tensor:
+def _prepared_weight(members: list[Member], dtype: torch.dtype) -> torch.Tensor:
     """``cat([W_i^T])``; a single ``[in, out]`` weight is used as it is (already K-major)."""
     if len(members) == 1 and members[0].layout == "in_out" and members[0].weight.stride(1) == 1:
         return members[0].weight.detach()
     return topk_linear_op.prepare_group_weight(
         [m.weight if m.layout == "out_in" else m.weight.t() for m in members], "out_in", dtype)
-
-
-def _prepared_bias(members: list[_Member], dtype: torch.dtype) -> torch.Tensor | None:
-    if all(m.bias is None for m in members):
-        return None
-    if len(members) == 1:
-        return members[0].bias.detach().contiguous()
-    return torch.cat([m.bias.detach() if m.bias is not None else
-                      torch.zeros(m.out_features, dtype=dtype) for m in members]).contiguous()
 
 
 def prepare_cpu_decode(
@@ -268,12 +138,7 @@ def prepare_cpu_decode(
     decide = decide or _max_sparse_rows
     graph = gm.graph
     replaced = 0
-    # the input nodes of sparse_linear, in graph order, each once
-    x_nodes = list(dict.fromkeys(
-        n.args[0] for n in graph.nodes
-        if n.op == "call_function" and n.target == qsparse.sparse_linear.default
-        and isinstance(n.args[0], torch.fx.Node)))
-    for x_node in x_nodes:
+    for x_node in sparse_linear_inputs(graph):
         found = _chain_to_sparsify(x_node)
         if found is None:
             continue
@@ -282,10 +147,11 @@ def prepare_cpu_decode(
         meta = tensor_meta(x_node)
         if meta is None or meta.dtype not in SUPPORTED_DTYPES or meta.dim() < 1:
             continue
-        rows = _static_rows(meta)
+        rows = static_rows(meta)
         if rows is None or not 1 <= rows <= MAX_ROWS:
             continue
-        members = _group_members(gm, weights, x_node, meta.dtype)
+        members = group_members(gm, weights, x_node,
+                                lambda t, dtype=meta.dtype: t.is_cpu and t.dtype == dtype)
         if members is None:
             continue
         D = int(meta.shape[-1])
@@ -302,41 +168,19 @@ def prepare_cpu_decode(
         if rows > max_rows:
             continue
         with graph.inserting_before(members[0].node):
-            wt_node = _register(gm, _prepared_weight(members, meta.dtype), sparsify, "wt")
-            bias = _prepared_bias(members, meta.dtype)
-            b_node = None if bias is None else _register(gm, bias, sparsify, "b")
+            wt_node = register_constant(gm, _prepared_weight(members, meta.dtype), sparsify,
+                                        "wt")
+            bias = prepared_bias(members, meta.dtype)
+            b_node = None if bias is None else register_constant(gm, bias, sparsify, "b")
             x_in = source
             for view in chain:  # sparsify commutes with row-preserving views: view the input
                 x_in = insert_call(graph, view.target, (x_in, *view.args[1:]), view,
                                    kwargs=dict(view.kwargs), op=view.op)
             y = insert_call(graph, qsparse.cpu_topk_linear.default,
                             (x_in, k, n, m, rescale, wt_node, b_node, max_rows), members[0].node)
-            offset = 0
-            for mb in members:
-                if len(members) == 1:
-                    out = y
-                else:
-                    out = insert_call(graph, aten.slice.Tensor,
-                                      (y, -1, offset, offset + mb.out_features), mb.node)
-                offset += mb.out_features
-                mb.node.replace_all_uses_with(out)
-                if out is not y:
-                    _make_viewable(graph, out)
-        weight_args = [mb.node.args[1] for mb in members]  # erasing a node clears its args
-        for mb in members:
-            graph.erase_node(mb.node)
-        # targeted clean-up, not a graph-wide dead-code pass: that would also delete in-place
-        # method calls whose result is unused (a static KV cache's index_copy_)
-        for node in [*reversed(chain), sparsify, *weight_args]:
-            _erase_if_unused(graph, node)
+            splice_group(graph, members, y, erase_after=[*reversed(chain), sparsify])
         replaced += 1
     if replaced:
         gm.recompile()
     return replaced
 
-
-def _erase_if_unused(graph: torch.fx.Graph, node: object) -> None:
-    """Erase a view, sparsify or transpose node that nothing reads any more."""
-    if isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") \
-            and not node.users and node.graph is graph:
-        graph.erase_node(node)
