@@ -6,6 +6,8 @@ live in ``torch.ops.qsparse``; :mod:`qsparse_compile.reference` is the eager ora
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.qsparse)
+from .calibrate import calibrate
+from .calibration import Calibration
 from .config import QSparseConfig, topk_count
 from .export import sparsify_exported
 from .functional import sparse_projection, sparsify
@@ -19,5 +21,7 @@ __all__ = [
     "sparsify_exported",
     "report",
     "Report",
+    "calibrate",
+    "Calibration",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,21 @@ Backend options, given in ``options`` beside the sparsity options:
   selection fused into a CPU sparse GEMV over the group's concatenated, K-major weights,
   prepared once at compile time (:mod:`passes.cpu_decode`). A measured cost model decides per
   group whether it beats the dense product; ``False`` keeps the generic ops.
+* ``calibration``: a :class:`~qsparse_compile.Calibration` (or the path of a saved one):
+  sparsify each projection's input in the calibration's rotated space (the rotation folded
+  into the weights once, at compile time; :mod:`passes.rotate`). Default: no rotation.
+* ``kernels``: ``"auto"`` (default) or ``"triton"``: which kernels the graph runs on
+  (:mod:`passes.kernel_select`). ``"auto"`` selects the Triton kernels for graphs whose
+  projection weights are on CUDA (where CUDA and Triton are available): the ``qsparse``
+  sparsify ops, fused norm + sparsify included, get the Triton kernels as their CUDA
+  implementations; with grad mode off, each decode-shaped group of projections sharing one
+  input (at most 8 rows per call) becomes one Triton sparse GEMV over K-major weights prepared
+  once at compile time (:mod:`passes.cuda_decode`, instead of the CPU decode op); projections
+  on 2:4-compatible N:M inputs become ``qsparse::block_sparse_linear``, which runs the 2:4
+  semi-structured sparse matmul where the GPU takes it (:mod:`passes.block_prefill`). Graphs on
+  CPU weights keep the default ops. ``"triton"`` forces that path on any graph; on CPU tensors
+  the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` must be set before Triton is
+  imported), which is slow and meant for tests.
 """
 
 from __future__ import annotations
@@ -28,11 +43,13 @@ from typing import Any
 import torch
 import torch.fx
 
+from .calibration import Calibration, as_calibration
 from .config import OPTION_NAMES, QSparseConfig
 from .passes import PassResult, RewrittenProjection, WeightTable, run_passes
+from .passes.kernel_select import check_kernels
 
 INNER_COMPILERS = ("inductor", "eager")
-BACKEND_OPTIONS = ("inner", "fuse", "decode")
+BACKEND_OPTIONS = ("inner", "fuse", "decode", "calibration", "kernels")
 
 #: The projections rewritten by the most recent graphs compiled in this process, newest last.
 #: Read it with :func:`last_compiled`; it is what ``report`` shows for a compiled model.
@@ -46,6 +63,8 @@ def split_options(options: QSparseConfig | Mapping[str, Any] | None
     if isinstance(options, QSparseConfig):
         return options, "inductor", True, True
     opts = dict(options or {})
+    opts.pop("calibration", None)  # read by calibration_option
+    opts.pop("kernels", None)  # read by kernels_option
     unknown = sorted(set(opts) - set(OPTION_NAMES) - set(BACKEND_OPTIONS))
     if unknown:
         # checked here, not by the config, so the allowed list names the backend's options too
@@ -67,6 +86,22 @@ def split_options(options: QSparseConfig | Mapping[str, Any] | None
     return QSparseConfig.from_options(opts), inner, fuse, decode
 
 
+def calibration_option(options: QSparseConfig | Mapping[str, Any] | None
+                       ) -> Calibration | None:
+    """The ``calibration`` backend option as a :class:`Calibration` (loaded from its file when
+    a path is given), or None when it is absent or None."""
+    if not isinstance(options, Mapping) or options.get("calibration") is None:
+        return None
+    return as_calibration(options["calibration"], "option 'calibration'")
+
+
+def kernels_option(options: QSparseConfig | Mapping[str, Any] | None) -> str:
+    """The validated ``kernels`` backend option: ``"auto"`` (default) or ``"triton"``."""
+    if not isinstance(options, Mapping):
+        return "auto"
+    return check_kernels(options.get("kernels", "auto"))
+
+
 def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
                     options: QSparseConfig | Mapping[str, Any] | None = None,
                     **kwargs: Any) -> Callable:
@@ -75,8 +110,10 @@ def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
         raise ValueError(f"backend 'qsparse': mode={kwargs['mode']!r} is not supported; "
                          f"pass settings through options=")
     config, inner, fuse, decode = split_options(options)
+    kernels = kernels_option(options)
     result = run_passes(gm, WeightTable.from_dynamo(gm, example_inputs), config, fuse=fuse,
-                        decode=decode)
+                        decode=decode, calibration=calibration_option(options),
+                        kernels=kernels)
     _LAST_RESULTS.append(result)
     del _LAST_RESULTS[:-64]  # keep memory bounded under many recompilations
     if inner == "eager":

@@ -2,6 +2,11 @@
 
 ``report(model_or_program, ...)`` returns a :class:`Report`: a list of JSON-serialisable dicts
 (one per projection) with ``totals``; ``print(report)`` shows an aligned table.
+
+With a calibration (rotated inputs), each inserted ``x @ Q`` costs ``D * D`` multiply-adds per
+token; that cost is on the row of the first projection reading the rotated input
+(``rotation_macs``, with a note naming the others sharing it) and in the totals, beside the
+weights the sparse products read (``activated_params``, also multiply-adds per token).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from .config import ProjectionPlan, QSparseConfig
 from .passes.module_path import role_of
 from .passes.rewrite import RewrittenProjection
+from .passes.rotate import RotatedInput
 
 COLUMNS = ("path", "role", "shape", "method", "quant", "sparsity", "k", "params",
            "activated_params")
@@ -45,6 +51,7 @@ def projection_row(path: str, in_features: int, out_features: int, plan: Project
         "k": int(kept),
         "params": params,
         "activated_params": int(kept) * out_features,
+        "rotation_macs": 0,
         "note": note,
     }
 
@@ -62,6 +69,7 @@ class Report(list):
             "params": params,
             "activated_params": activated,
             "activated_fraction": activated / params if params else 1.0,
+            "rotation_macs": sum(r.get("rotation_macs", 0) for r in self),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +90,10 @@ class Report(list):
             f"parameters {t['activated_params']:,} of {t['params']:,} "
             f"({100 * t['activated_fraction']:.1f}%)"
         )
+        if t["rotation_macs"]:
+            lines[-1] += (f"; rotations add {t['rotation_macs']:,} multiply-adds per token "
+                          f"({100 * t['rotation_macs'] / max(t['activated_params'], 1):.1f}% of "
+                          f"the activated)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -95,11 +107,32 @@ def _fmt(value: Any) -> str:
         value, int) else str(value)
 
 
-def rows_from_records(records: Iterable[RewrittenProjection]) -> Report:
-    """A report of what a pass did (``backend.last_compiled()``, ``sparsify_exported``)."""
-    return Report(projection_row(r.projection.path, r.projection.in_features,
-                                 r.projection.out_features, r.plan, r.k, r.note)
-                  for r in records)
+def rows_from_records(records: Iterable[RewrittenProjection],
+                      rotations: Iterable[RotatedInput] = ()) -> Report:
+    """A report of what a pass did (``backend.last_compiled()``, ``sparsify_exported``);
+    ``rotations`` (``PassResult.rotations``) adds the cost of rotated inputs."""
+    rows = [projection_row(r.projection.path, r.projection.in_features,
+                           r.projection.out_features, r.plan, r.k, r.note) for r in records]
+    return Report(with_rotations(rows, rotations))
+
+
+def with_rotations(rows: list[dict[str, Any]], rotations: Iterable[RotatedInput]
+                   ) -> list[dict[str, Any]]:
+    """Put each rotation's ``D * D`` multiply-adds per token on its first projection's row."""
+    by_path = {r["path"]: r for r in rows}
+    for rot in rotations:
+        first = by_path.get(rot.paths[0])
+        if first is None:
+            continue
+        first["rotation_macs"] += rot.macs_per_token
+        for path in rot.paths:
+            row = by_path.get(path)
+            if row is None:
+                continue
+            others = [p for p in rot.paths if p != path]
+            note = "rotated input" + (f" shared with {', '.join(others)}" if others else "")
+            row["note"] = f"{row['note']}; {note}" if row["note"] else note
+    return rows
 
 
 def _module_projections(model: torch.nn.Module):
@@ -114,25 +147,33 @@ def _module_projections(model: torch.nn.Module):
 
 
 def report(model_or_program: torch.nn.Module | torch.export.ExportedProgram,
-           *example_args: Any, config: QSparseConfig | None = None, **options: Any) -> Report:
+           *example_args: Any, config: QSparseConfig | None = None,
+           calibration: Any = None, **options: Any) -> Report:
     """Report every projection of a model or exported program under the given options.
 
     * an ``ExportedProgram``: the projections the pass finds in its graph;
     * a module with ``example_args``: the module is exported first, so functional projections
       (``x @ W.t()``) are found as the compiler finds them;
     * a module alone: its ``nn.Linear`` and ``Conv1D`` submodules.
+
+    ``calibration`` (a :class:`~qsparse_compile.Calibration` or the path of a saved one)
+    counts the rotations the compiler would insert for it (``rotation_macs``).
     """
-    from .export import sparsify_exported_with_records
+    from .calibration import as_calibration
+    from .export import _sparsify_exported
 
     config = QSparseConfig.from_options(config, **options)
+    cal = None if calibration is None else as_calibration(calibration, "report: calibration")
     if isinstance(model_or_program, torch.export.ExportedProgram):
-        return rows_from_records(sparsify_exported_with_records(model_or_program, config)[1])
+        _, records, rotations = _sparsify_exported(model_or_program, config, True, cal)
+        return rows_from_records(records, rotations)
     if not isinstance(model_or_program, torch.nn.Module):
         raise TypeError(f"report: expected an nn.Module or an ExportedProgram, got "
                         f"{type(model_or_program).__name__}")
     if example_args:
         ep = torch.export.export(model_or_program, tuple(example_args), strict=False)
-        return rows_from_records(sparsify_exported_with_records(ep, config)[1])
+        _, records, rotations = _sparsify_exported(ep, config, True, cal)
+        return rows_from_records(records, rotations)
     from .passes.rewrite import plan_projection
 
     rows = []
@@ -140,7 +181,21 @@ def report(model_or_program: torch.nn.Module | torch.export.ExportedProgram,
         probe = _PathOnly(path, in_f, out_f)
         plan, k, note = plan_projection(probe, config)
         rows.append(projection_row(path, in_f, out_f, plan, k, note))
-    return Report(rows)
+    return Report(with_rotations(rows, _calibrated_rotations(cal, config)))
+
+
+def _calibrated_rotations(calibration: Any, config: QSparseConfig) -> list[RotatedInput]:
+    """The rotations a compile with ``calibration`` inserts: one per group of projections
+    sharing an input, over the members that are sparsified (top-K or block)."""
+    if calibration is None:
+        return []
+    out = []
+    for group in calibration.groups:
+        paths = tuple(p for p in group.paths
+                      if config.plan_for(p).method in ("topk", "block"))
+        if paths:
+            out.append(RotatedInput(paths, group.dim))
+    return out
 
 
 class _PathOnly:

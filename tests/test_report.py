@@ -17,7 +17,7 @@ from qsparse_compile.config import topk_count
 from qsparse_compile.models.tiny_llama import TinyLlama, TinyLlamaConfig
 from qsparse_compile.report import COLUMNS, rows_from_records
 
-KEYS = set(COLUMNS) | {"in_features", "out_features", "quant", "note"}
+KEYS = set(COLUMNS) | {"in_features", "out_features", "quant", "note", "rotation_macs"}
 
 
 def _tiny_llama(intermediate_size: int = 64) -> torch.nn.Module:
@@ -69,6 +69,7 @@ def test_totals():
         "params": params,
         "activated_params": activated,
         "activated_fraction": activated / params,
+        "rotation_macs": 0,  # no calibration, no rotations
     }
     assert 0.5 < rep.totals["activated_fraction"] < 1.0
     dense = qc.report(_tiny_llama(), sparsity=0.0)

@@ -61,6 +61,13 @@ class WeightTable:
         """
         return self._values.get(node)
 
+    def add(self, node: torch.fx.Node, name: str, value: torch.Tensor | None = None) -> None:
+        """Record a weight a pass added to the graph (a folded copy keeps the original's name,
+        so the projection reading it keeps its path)."""
+        self._names[node] = name
+        if value is not None:
+            self._values[node] = value
+
     @classmethod
     def from_dynamo(cls, gm: torch.fx.GraphModule, example_inputs) -> WeightTable:
         """Placeholders that hold parameters or buffers (Dynamo backend input)."""
@@ -82,8 +89,13 @@ class WeightTable:
         return cls(names, values)
 
     @classmethod
-    def from_export(cls, ep: torch.export.ExportedProgram) -> WeightTable:
-        """Placeholders the export signature marks as parameters, buffers or constants."""
+    def from_export(cls, ep: torch.export.ExportedProgram,
+                    values: bool = False) -> WeightTable:
+        """Placeholders the export signature marks as parameters, buffers or constants.
+
+        ``values=True`` also records the real tensors (``ep.state_dict`` / ``ep.constants``),
+        for passes that fold something into the weights at compile time.
+        """
         from torch.export.graph_signature import InputKind
 
         constant_kinds = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
@@ -91,8 +103,12 @@ class WeightTable:
                    if spec.kind in constant_kinds}
         names = {n: by_name[n.name] for n in ep.graph.nodes
                  if n.op == "placeholder" and n.name in by_name}
+        tensors = {}
+        if values:
+            stores = (ep.state_dict, ep.constants)
+            tensors = {n: store[t] for n, t in names.items() for store in stores if t in store}
         names.update(_get_attrs(ep.graph_module))
-        return cls(names)
+        return cls(names, tensors)
 
     @classmethod
     def from_graph_module(cls, gm: torch.fx.GraphModule) -> WeightTable:

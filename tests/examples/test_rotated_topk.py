@@ -1,0 +1,34 @@
+"""Smoke test of examples/rotated_topk.py on SmolLM2-135M's first 2 layers (real weights)."""
+
+import math
+
+import make_results
+import pytest
+import rotated_topk as recipe
+
+pytest.importorskip("transformers")
+
+
+def test_quick_run_logs_rotated_and_allocated_rows(tmp_path):
+    argv = ["--quick", "--quiet", "--rows", "dense", "topk50", "rot-topk50", "rot-alloc50",
+            "--out", str(tmp_path / "logs"), "--cal-dir", str(tmp_path / "cal")]
+    log = recipe.main(argv)
+    assert log["status"] == "done"
+    assert log["command"] == "python examples/rotated_topk.py " + " ".join(argv)
+    assert log["calibration_plays"].startswith("training plays only")
+    assert "macbeth" not in log["calibration_plays"]  # a held-out play
+    assert list((tmp_path / "cal").iterdir())  # the calibration file
+    rows = log["rows"]
+    assert all(math.isfinite(r["ppl"]) for r in rows.values())
+    dense, rot, alloc = rows["dense"], rows["rot-topk50"], rows["rot-alloc50"]
+    assert dense["compiled"]["rotated_inputs"] == 0 and dense["compiled"]["rotation_macs"] == 0
+    # 2 layers x (q/k/v, o, gate/up, down), each rotated once
+    assert rot["compiled"]["rotated_inputs"] == 8
+    assert rot["compiled"]["rotation_macs"] == rot["report"]["rotation_macs"] == 2 * (
+        3 * 576**2 + 1536**2)
+    assert alloc["allocation"]["activated"] == alloc["allocation"]["budget"]
+    assert alloc["compiled"]["activated_params"] == rot["compiled"]["activated_params"]
+    # the results document renders the table and a verdict from the log
+    section = "\n".join(make_results.rotations_section(log))
+    assert "| rotated top-K 50% + allocation |" in section
+    assert "- 50%: the rotation **" in section and log["command"] in section
