@@ -10,6 +10,7 @@ import os
 # conftest runs; so the variable is set here, first.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -19,3 +20,19 @@ settings.register_profile(
 )
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A test that compiles starts and ends with empty Dynamo caches and backend records.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``.
+    """
+    import torch
+
+    from qsparse_compile.backend import reset_records
+
+    torch._dynamo.reset()
+    reset_records()
+    yield
+    torch._dynamo.reset()

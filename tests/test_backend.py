@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hf_models import HF_MODELS, LAYERS, VOCAB, token_ids
 from op_counts import DENSE_PROJECTIONS, CountingBackend, dense_projections, without
 
-from qsparse_compile.backend import last_compiled, reset_records
+from qsparse_compile.backend import last_compiled
 from qsparse_compile.config import topk_count
 from qsparse_compile.models.tiny_llama import TinyLlama, TinyLlamaConfig
 from qsparse_compile.reference import reference_model
@@ -45,12 +45,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    reset_records()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def compile_counting(model, options, inner="eager", **kwargs):

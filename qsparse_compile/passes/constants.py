@@ -36,16 +36,17 @@ def _fake_value(node: torch.fx.Node, tensor: torch.Tensor, like: torch.fx.Node) 
             tensor, static_shapes=True)
 
 
-def buffer_constants(gm: torch.fx.GraphModule) -> AddConstant:
-    """Constants as buffers of ``gm`` read by ``get_attr`` (Dynamo and symbolic graphs)."""
+def buffer_constants(gm: torch.fx.GraphModule, prefix: str = PREFIX) -> AddConstant:
+    """Constants as buffers of ``gm`` read by ``get_attr`` (Dynamo and symbolic graphs),
+    named ``<prefix>_<name><index>``."""
 
     def add(tensor: torch.Tensor, like: torch.fx.Node, name: str) -> torch.fx.Node:
         from torch._dynamo.source import ConstantSource
 
         index = 0
-        while hasattr(gm, f"{PREFIX}_{name}{index}"):
+        while hasattr(gm, f"{prefix}_{name}{index}"):
             index += 1
-        attr = f"{PREFIX}_{name}{index}"
+        attr = f"{prefix}_{name}{index}"
         gm.register_buffer(attr, tensor)
         sources = getattr(gm, "_param_name_to_source", None)
         if isinstance(sources, dict):

@@ -21,12 +21,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx
-from torch._dynamo.source import ConstantSource
-from torch._guards import detect_fake_mode
 
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
+from .constants import buffer_constants
 from .graph_utils import _run_fake, insert_call
-from .projections import tensor_meta
 from .weights import WeightTable
 
 __all__ = [
@@ -171,20 +169,7 @@ def register_constant(gm: torch.fx.GraphModule, tensor: torch.Tensor, like: torc
     tracing; it requires a Dynamo source for each lifted name (used to deduplicate inputs),
     which a tensor made here gets as a :class:`ConstantSource` named after the buffer.
     """
-    index = 0
-    while hasattr(gm, f"{BUFFER_PREFIX}_{prefix}{index}"):
-        index += 1
-    name = f"{BUFFER_PREFIX}_{prefix}{index}"
-    gm.register_buffer(name, tensor)
-    sources = getattr(gm, "_param_name_to_source", None)
-    if isinstance(sources, dict):
-        sources[name] = ConstantSource(f"{type(gm).__name__}.{name}")
-    node = gm.graph.get_attr(name)
-    fake_mode = detect_fake_mode([tensor_meta(like)])
-    if fake_mode is not None:
-        node.meta["val" if "val" in like.meta else "example_value"] = fake_mode.from_tensor(
-            tensor, static_shapes=True)
-    return node
+    return buffer_constants(gm, BUFFER_PREFIX)(tensor, like, prefix)
 
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, torch.Tensor.view}

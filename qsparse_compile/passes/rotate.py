@@ -29,6 +29,7 @@ import torch.fx
 from ..calibration import Calibration
 from ..config import QSparseConfig
 from .constants import AddConstant, buffer_constants
+from .decode_groups import real_value
 from .graph_utils import insert_call
 from .projections import find_projections, tensor_meta
 from .share_inputs import _root_and_chain, view_forest
@@ -48,18 +49,6 @@ class RotatedInput:
     def macs_per_token(self) -> int:
         """Multiply-adds the rotation adds per token (row): ``D * D``."""
         return self.dim * self.dim
-
-
-def _real_weight(gm: torch.fx.GraphModule, weights: WeightTable,
-                 node: torch.fx.Node) -> torch.Tensor | None:
-    value = weights.value(node)
-    if value is None and node.op == "get_attr":
-        value = gm
-        for atom in str(node.target).split("."):
-            value = getattr(value, atom, None)
-    if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
-        return None
-    return value
 
 
 def rotate_projections(gm: torch.fx.GraphModule, weights: WeightTable, config: QSparseConfig,
@@ -104,7 +93,7 @@ def rotate_projections(gm: torch.fx.GraphModule, weights: WeightTable, config: Q
             raise ValueError(
                 f"calibration: projection {proj.path!r} has input width {proj.in_features} "
                 f"but its calibrated rotation is {q.shape[0]}x{q.shape[0]}")
-        weight = _real_weight(gm, weights, proj.weight)
+        weight = real_value(gm, weights, proj.weight)
         if weight is None:
             raise ValueError(f"calibration: the real weight of projection {proj.path!r} is not "
                              f"available at compile time, so the rotation cannot be folded")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from op_counts import CountingBackend
 
-from qsparse_compile.backend import last_compiled, reset_records
+from qsparse_compile.backend import last_compiled
 from qsparse_compile.models.tiny_llama import TinyLlama, TinyLlamaConfig
 from qsparse_compile.reference import reference_model
 
@@ -19,12 +19,7 @@ def _model(**changes) -> TinyLlama:
     return TinyLlama(TinyLlamaConfig(**{**SMALL, **changes})).eval()
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    reset_records()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 16)], ids=lambda s: "x".join(map(str, s)))

@@ -14,7 +14,7 @@ import torch
 from hf_models import HF_MODELS, LAYERS, token_ids
 from op_counts import CountingBackend
 
-from qsparse_compile.backend import last_results, reset_records, split_options
+from qsparse_compile.backend import last_results, split_options
 from qsparse_compile.config import QSparseConfig
 from qsparse_compile.passes import WeightTable, cpu_decode, run_passes
 from qsparse_compile.reference import reference_model
@@ -23,12 +23,7 @@ GROUPS_PER_LAYER = {"llama": 4, "qwen2": 4, "gpt2": 4}  # gpt2: c_attn, c_proj, 
 SLICES_PER_LAYER = {"llama": 5, "qwen2": 5, "gpt2": 0}  # q/k/v -> 3 views, gate/up -> 2
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    reset_records()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from hf_models import HF_MODELS, LAYERS, token_ids  # noqa: E402
 from op_counts import CountingBackend  # noqa: E402
 
-from qsparse_compile.backend import kernels_option, last_results, reset_records  # noqa: E402
+from qsparse_compile.backend import kernels_option, last_results  # noqa: E402
 from qsparse_compile.passes import cpu_decode, cuda_decode  # noqa: E402
 from qsparse_compile.passes.decode_groups import BUFFER_PREFIX  # noqa: E402
 from qsparse_compile.reference import reference_model  # noqa: E402
@@ -33,12 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo(tmp_path_factory, monkeypatch):
+def _kernel_cache(tmp_path_factory, monkeypatch, fresh_dynamo):
     monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernels"))
-    torch._dynamo.reset()
-    reset_records()
-    yield
-    torch._dynamo.reset()
 
 
 def by_namespace(gm: torch.fx.GraphModule) -> collections.Counter:

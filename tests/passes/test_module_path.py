@@ -6,18 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from qsparse_compile.backend import last_compiled, reset_records
+from qsparse_compile.backend import last_compiled
 from qsparse_compile.models.tiny_llama import TinyLlama, TinyLlamaConfig
 from qsparse_compile.passes.module_path import normalise_path, role_of
 from qsparse_compile.passes.weights import source_to_path
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    reset_records()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize(("raw", "path"), [

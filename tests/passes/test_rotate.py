@@ -18,7 +18,7 @@ from rotated_reference import rotated_reference
 from torch._dynamo.exc import BackendCompilerFailed
 
 import qsparse_compile as qc
-from qsparse_compile.backend import calibration_option, last_results, reset_records
+from qsparse_compile.backend import calibration_option, last_results
 from qsparse_compile.config import topk_count
 from qsparse_compile.passes import cpu_decode
 from qsparse_compile.reference import reference_model
@@ -37,12 +37,7 @@ def llama():
     return model, qc.calibrate(model, _batches(), sample_rows=32)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    reset_records()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _run(model, options, ids, grad=False):
