@@ -24,11 +24,15 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+
+from ..cache_root import cache_root
 
 __all__ = [
     "CompilerNotFoundError",
     "cache_dir",
+    "load_entry_point",
     "find_compiler",
     "build_library",
     "host_fingerprint",
@@ -51,13 +55,7 @@ class CompilerNotFoundError(RuntimeError):
 
 def cache_dir() -> Path:
     """The directory holding the rendered sources and built libraries of the CPU kernels."""
-    root = os.environ.get("QSPARSE_CACHE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".cache") / "qsparse_compile"
-    return base / "cpu"
+    return cache_root() / "cpu"
 
 
 def find_compiler() -> str:
@@ -203,3 +201,14 @@ def load_library(name: str, source: str) -> ctypes.CDLL:
     """
     with _lock:
         return _load_cached(name, source)
+
+
+def load_entry_point(name: str, source: str, argtypes: list) -> Callable[..., int]:
+    """The C function ``name`` of ``source`` (:func:`load_library`), typed for ctypes.
+
+    Every kernel entry point returns an ``int64`` status; ``argtypes`` are its parameters.
+    """
+    fn = getattr(load_library(name, source), name)
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int64
+    return fn

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from .compiler import load_library
-from .operands import check_gemv_operands
+from ..gemv_operands import check_gemv_operands
+from .compiler import load_entry_point
 from .sparse_gemv_template import MAX_TOKENS, SUPPORTED_DTYPES, GemvSpec, render
 
 __all__ = [
@@ -72,13 +72,9 @@ _ARGTYPES = [
 
 
 @functools.cache
-def _kernel(spec: GemvSpec):
+def _kernel(spec: GemvSpec) -> Callable[..., int]:
     """The compiled entry point of ``spec`` (built at first use, then from the disk cache)."""
-    lib = load_library(spec.name, render(spec))
-    fn = getattr(lib, spec.name)
-    fn.argtypes = _ARGTYPES
-    fn.restype = ctypes.c_int64
-    return fn
+    return load_entry_point(spec.name, render(spec), _ARGTYPES)
 
 
 #: (dtype, tokens) -> compiled entry point; a plain dict so a call costs one look-up.

@@ -38,8 +38,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ... import reference
-from .compiler import load_library
-from .operands import check_gemv_operands
+from ..gemv_operands import check_gemv_operands
+from .compiler import load_entry_point
 from .thread_policy import kernel_threads
 from .topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES, TopkLinearSpec, render
 
@@ -92,11 +92,7 @@ _ARGTYPES = [
 @functools.cache
 def _kernel(spec: TopkLinearSpec) -> Callable[..., int]:
     """The compiled entry point of ``spec`` (built at first use, then from the disk cache)."""
-    lib = load_library(spec.name, render(spec))
-    fn = getattr(lib, spec.name)
-    fn.argtypes = _ARGTYPES
-    fn.restype = ctypes.c_int64
-    return fn
+    return load_entry_point(spec.name, render(spec), _ARGTYPES)
 
 
 #: (dtype, rows) -> compiled entry point; a plain dict so a call costs one look-up.

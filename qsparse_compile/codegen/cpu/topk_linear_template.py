@@ -32,8 +32,7 @@ import string
 
 import torch
 
-#: Element types the kernel is rendered for, and their C spelling.
-SUPPORTED_DTYPES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+from .c_common import ELEMENT_HELPERS, PRELUDE, SUPPORTED_DTYPES
 
 #: Most activation rows one call handles: the decode batch. Beyond ~8 independent top-K masks
 #: the union covers almost every feature, and the op falls back to a dense product anyway.
@@ -103,20 +102,7 @@ _TEMPLATE = string.Template(
  *
  * y[t, :] = bias + sum_k sparsify(x[t, :])[k] * wt[k, :]      for t < ROWS
  */
-#include <stddef.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QS_SIMD 1
-#else
-#define QS_SIMD 0  /* portable C: the scalar tail loops do all the work */
-#endif
-
+${prelude}
 #define ROWS ${rows}
 #define ROWS_PER_PASS ${rows_per_pass}
 #define ELEM_IS_BF16 ${elem_is_bf16}
@@ -132,35 +118,7 @@ _TEMPLATE = string.Template(
  * and tie with each other. */
 #define NAN_KEY 0x7f800001u
 
-#if ELEM_IS_BF16
-typedef uint16_t elem_t;
-#else
-typedef float elem_t;
-#endif
-
-static inline float to_f32(elem_t v) {
-#if ELEM_IS_BF16
-    union { uint32_t u; float f; } c;
-    c.u = (uint32_t)v << 16;  /* bf16 is the top half of an fp32: exact */
-    return c.f;
-#else
-    return v;
-#endif
-}
-
-static inline elem_t from_f32(float f) {
-#if ELEM_IS_BF16
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    /* NaN maps to the canonical quiet NaN, as torch's own float -> bfloat16 conversion does. */
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)0x7fc0;
-    c.u += 0x7fffu + ((c.u >> 16) & 1u);  /* round to nearest, ties to even */
-    return (uint16_t)(c.u >> 16);
-#else
-    return f;
-#endif
-}
-
+${element_helpers}
 /* The value the reference's sparsified activation holds: rounded to the element type. */
 static inline float round_elem(float f) { return to_f32(from_f32(f)); }
 
@@ -284,18 +242,6 @@ static void select_block_rank(float* v, int64_t m, int64_t nk, uint32_t* keys) {
 }
 
 /* ---- sparse GEMV ------------------------------------------------------------------------- */
-
-#if QS_SIMD
-static inline __m256 load8(const elem_t* p) {
-#if ELEM_IS_BF16
-    /* widen 8 bf16 to 8 fp32 in-register: zero-extend to 32 bits, shift into the high half */
-    __m128i h = _mm_loadu_si128((const __m128i*)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-#else
-    return _mm256_loadu_ps(p);
-#endif
-}
-#endif
 
 /* Fold nr weight rows into acc[ROWS][TILE_COLS] (columns c0 .. c0 + w). Each weight vector is
  * loaded (and widened) once and used for every activation row; the accumulator is loaded and
@@ -471,6 +417,8 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
 def render(spec: TopkLinearSpec) -> str:
     """The C source of ``spec``; its entry point is the function named ``spec.name``."""
     return _TEMPLATE.substitute(
+        prelude=PRELUDE,
+        element_helpers=ELEMENT_HELPERS,
         name=spec.name,
         dtype_name=SUPPORTED_DTYPES[spec.dtype],
         rows=spec.rows,

@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+from ..cache_root import cache_root
+
 __all__ = ["cache_dir", "source_path", "load_module"]
 
 #: Prefix of the names under which rendered modules are registered in ``sys.modules``.
@@ -39,13 +41,7 @@ _modules: dict[Path, ModuleType] = {}
 
 def cache_dir() -> Path:
     """The directory holding rendered Triton sources (created on first write)."""
-    root = os.environ.get("QSPARSE_CACHE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".cache") / "qsparse_compile"
-    return base / "triton"
+    return cache_root() / "triton"
 
 
 def source_path(name: str, source: str) -> Path:

@@ -17,9 +17,10 @@ import math
 
 import torch
 
+from ..gemv_operands import check_gemv_operands
 from .gemv_template import GEMV_KERNEL, REDUCE_KERNEL, GemvSpec, render
 from .launch import kernel_module, launch
-from .template_common import dtype_info, next_pow2
+from .template_common import DTYPES, dtype_info, next_pow2
 
 __all__ = [
     "MAX_TOKENS",
@@ -117,22 +118,7 @@ def prepare_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> to
 
 def _check(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
     dtype_info(x.dtype, _OP)
-    if weight_t.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            f"qsparse_triton.{_OP}: x, weight_t and bias must share a dtype, got x {x.dtype}, "
-            f"weight_t {weight_t.dtype}, bias {None if bias is None else bias.dtype}"
-        )
-    if weight_t.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight_t.shape[0]:
-        raise ValueError(
-            f"qsparse_triton.{_OP}: expected x [..., in_features] and weight_t "
-            f"[in_features, out_features] (W^T, see prepare_weight), got x {tuple(x.shape)} "
-            f"and weight_t {tuple(weight_t.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight_t.shape[1],):
-        raise ValueError(
-            f"qsparse_triton.{_OP}: bias must have shape ({weight_t.shape[1]},), "
-            f"got {tuple(bias.shape)}"
-        )
+    check_gemv_operands(f"qsparse_triton.{_OP}", x, weight_t, bias, DTYPES, "prepare_weight")
 
 
 def _num_sms(device: torch.device) -> int:

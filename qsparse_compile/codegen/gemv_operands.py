@@ -1,8 +1,9 @@
-"""Validation of the operands the CPU GEMV ops share: ``x [..., in]``, ``W^T [in, out]``, bias.
+"""Validation of the operands every sparse GEMV op shares: ``x [..., in]``, ``W^T [in, out]``,
+bias.
 
-Both ops (:mod:`.sparse_gemv_op`, :mod:`.topk_linear_op`) take the weight K-major, prepared
-once by a helper; a wrongly laid-out or mistyped operand must fail with the op's name and the
-shapes given, never reach the C kernel.
+The CPU ops (:mod:`.cpu.sparse_gemv_op`, :mod:`.cpu.topk_linear_op`) and the Triton GEMV
+(:mod:`.triton.gemv`) take the weight K-major, prepared once by a helper; a wrongly laid-out or
+mistyped operand must fail with the op's name and the shapes given, never reach a kernel.
 """
 
 from __future__ import annotations
