@@ -40,15 +40,17 @@ import torch.nn.functional as F
 from recipe_common import (
     REPO,
     adamw,
-    command_line,
     cosine_lr,
-    load_checkpoint,
     provenance,
     read_json,
     recipe_parser,
+    restore_run,
+    run_command,
     save_checkpoint,
+    save_run,
     set_lr,
     set_threads,
+    settings_from,
     write_json,
 )
 from tqdm import tqdm
@@ -286,12 +288,9 @@ def fine_tune(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, r
         "wall": {"train_s": 0.0, "eval_s": 0.0, "step_s_median": None},
     }
     start = 0
-    state = load_checkpoint(ckpt_path) if resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        log, start = state["log"], state["step"]
-        log.setdefault("resumed", []).append({"at_step": start, "command": command})
+    restored = restore_run(ckpt_path, model, optimizer, command) if resume else None
+    if restored is not None:
+        log, start = restored
     elif resume and log_path.is_file():
         done = read_json(log_path)
         if done.get("status") == "done":
@@ -311,9 +310,7 @@ def fine_tune(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, r
         if step_times:
             log["wall"]["step_s_median"] = round(statistics.median(step_times), 3)
         write_json(log_path, log)
-        save_checkpoint(ckpt_path, {"model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "step": step,
-                                    "log": log})
+        save_run(ckpt_path, model, optimizer, step, log)
 
     if start == 0:
         quick_eval(0)
@@ -387,27 +384,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    s = Settings(**(TINY if args.tiny else {}))
-    for field, value in (("steps", args.steps), ("batch", args.batch), ("seq", args.seq),
-                         ("lr", args.lr), ("eval_seqs", args.eval_seqs),
-                         ("eval_every", args.eval_every), ("seed", args.seed),
-                         ("inner", args.inner), ("threads", args.threads)):
-        if value is not None:
-            setattr(s, field, value)
-    return s
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Run the recipe; return ``{run name: log}``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    s = settings_from(args)
+    s = settings_from(args, Settings, TINY, ("steps", "batch", "seq", "lr", "eval_seqs",
+                                             "eval_every", "seed", "inner", "threads"))
     names = list(RUN_NAMES) if args.all else list(dict.fromkeys(args.run))
     logs = {}
     for name in names:
-        single = ["--run", name, *[a for a in argv if a != "--all"]] if args.all else argv
-        command = command_line("continue_train.py", single)
+        command = run_command("continue_train.py", argv, name, args.all)
         if name == "training-free":
             logs[name] = training_free(s, args.out, command, args.resume)
         else:

@@ -341,9 +341,7 @@ def from_scratch_section(logs: dict[str, dict[str, Any]]) -> tuple[list[str], di
     ]
     for name in FROM_SCRATCH:
         if name in logs:
-            roles = logs[name]["evals"][-1]["sparsity"]["per_role"]
-            lines.append(f"| {name} | " + " | ".join(pct(roles.get(r)) for r in ROLES)
-                         + f" | {pct(logs[name]['evals'][-1]['sparsity']['overall'])} |")
+            lines.append(_role_row(name, logs[name]["evals"][-1]["sparsity"]))
     lines += [
         "",
         "The down projection's input is `up(x) · relu(gate(x))²`, zero wherever the gate is "
@@ -364,9 +362,7 @@ def from_scratch_section(logs: dict[str, dict[str, Any]]) -> tuple[list[str], di
             "|---|" + "---|" * (len(ROLES) + 1),
         ]
         for e in relu:
-            lines.append(f"| {e['step']} | " + " | ".join(
-                pct(e["sparsity"]["per_role"].get(r)) for r in ROLES)
-                + f" | {pct(e['sparsity']['overall'])} |")
+            lines.append(_role_row(e["step"], e["sparsity"]))
         facts["relu_evals"] = relu
     return lines, facts
 
@@ -418,6 +414,12 @@ def continue_section(logs: dict[str, dict[str, Any]]) -> tuple[list[str], dict[s
             "![continue-training curves](img/continue_train.png)",
         ]
     return lines, facts
+
+
+def _role_row(label: object, sparsity: dict[str, Any]) -> str:
+    """A table row: ``label``, the measured sparsity of each projection role, overall."""
+    return (f"| {label} | " + " | ".join(pct(sparsity["per_role"].get(r)) for r in ROLES)
+            + f" | {pct(sparsity['overall'])} |")
 
 
 def ft_groups(logs: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

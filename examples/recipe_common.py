@@ -79,9 +79,52 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def save_run(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+             log: dict[str, Any]) -> None:
+    """Checkpoint a training run: weights, optimizer state, the step reached and its log."""
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "step": step, "log": log})
+
+
+def restore_run(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                command: str) -> tuple[dict[str, Any], int] | None:
+    """Load a :func:`save_run` checkpoint into ``model`` and ``optimizer``.
+
+    Returns the run's log (this resumption, by ``command``, recorded in it) and the step to
+    continue from; None where there is no checkpoint.
+    """
+    state = load_checkpoint(path)
+    if state is None:
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log, step = state["log"], state["step"]
+    log.setdefault("resumed", []).append({"at_step": step, "command": command})
+    return log, step
+
+
 def command_line(script: str, argv: Sequence[str]) -> str:
     """The command that reproduces a run, as typed from the repository root."""
     return shlex.join(["python", f"examples/{script}", *argv])
+
+
+def run_command(script: str, argv: Sequence[str], name: str, every_run: bool) -> str:
+    """The command that reproduces run ``name`` alone: ``--all`` becomes ``--run name``."""
+    if not every_run:
+        return command_line(script, argv)
+    return command_line(script, ["--run", name, *[a for a in argv if a != "--all"]])
+
+
+def settings_from(args: argparse.Namespace, defaults: Any, tiny: dict[str, Any],
+                  fields: Sequence[str]) -> Any:
+    """The recipe's settings: ``defaults`` (a dataclass type) or its ``tiny`` variant
+    (``--tiny``), then every option among ``fields`` given on the command line."""
+    s = defaults(**(tiny if args.tiny else {}))
+    for field in fields:
+        value = getattr(args, field)
+        if value is not None:
+            setattr(s, field, value)
+    return s
 
 
 def provenance(threads: int) -> dict[str, Any]:

@@ -42,14 +42,15 @@ import torch.nn.functional as F
 from recipe_common import (
     REPO,
     adamw,
-    command_line,
     cosine_lr,
-    load_checkpoint,
     provenance,
     recipe_parser,
-    save_checkpoint,
+    restore_run,
+    run_command,
+    save_run,
     set_lr,
     set_threads,
+    settings_from,
     write_json,
 )
 from tqdm import tqdm
@@ -206,12 +207,9 @@ def run(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, resume:
         "wall": {"train_s": 0.0, "eval_s": 0.0, "first_call_s": None, "step_s_median": None},
     }
     start = 0
-    state = load_checkpoint(ckpt_path) if resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        log, start = state["log"], state["step"]
-        log.setdefault("resumed", []).append({"at_step": start, "command": command})
+    restored = restore_run(ckpt_path, model, optimizer, command) if resume else None
+    if restored is not None:
+        log, start = restored
         if start >= s.steps:
             print(f"{name}: already complete ({start} steps), nothing to do")
             return log
@@ -237,9 +235,7 @@ def run(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, resume:
         log["wall"]["step_s_median"] = round(statistics.median(step_times), 4) if \
             step_times else log["wall"]["step_s_median"]
         write_json(log_path, log)
-        save_checkpoint(ckpt_path, {"model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "step": step,
-                                    "log": log})
+        save_run(ckpt_path, model, optimizer, step, log)
 
     if start == 0:
         # the initial point of every curve; the first call of the compiled model compiles
@@ -327,31 +323,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    s = Settings(**(TINY if args.tiny else {}))
-    for field, value in (("steps", args.steps), ("batch", args.batch), ("seq", args.seq),
-                         ("lr", args.lr), ("eval_every", args.eval_every), ("seed", args.seed),
-                         ("inner", args.inner), ("threads", args.threads)):
-        if value is not None:
-            setattr(s, field, value)
-    return s
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Run the recipe; return ``{run name: log}``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    s = settings_from(args)
+    s = settings_from(args, Settings, TINY, ("steps", "batch", "seq", "lr", "eval_every", "seed",
+                                             "inner", "threads"))
     names = list(RUNS) if args.all else list(dict.fromkeys(args.run))
     logs = {}
     for name in names:
-        # the command that reproduces this run alone (``--all`` expands to one per run)
-        single = [a for a in argv if a != "--all"]
-        if args.all:
-            single = ["--run", name, *single]
-        logs[name] = run(name, s, args.out, args.ckpt_dir, command_line(
-            "train_from_scratch.py", single if args.all else argv), args.resume, args.stop_at,
-            progress=not args.quiet)
+        logs[name] = run(name, s, args.out, args.ckpt_dir,
+                         run_command("train_from_scratch.py", argv, name, args.all),
+                         args.resume, args.stop_at, progress=not args.quiet)
         last = logs[name]["evals"][-1] if logs[name]["evals"] else {}
         print(f"{name}: step {len(logs[name]['train_loss'])}, val loss "
               f"{last.get('val_loss')}, measured sparsity "
