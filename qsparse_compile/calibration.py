@@ -173,12 +173,30 @@ class Calibration:
                    metadata=header["metadata"])
 
 
+#: The calibration most recently loaded from a path, keyed by (path, mtime, size): Dynamo
+#: compiles one graph per break and recompilation, each asking for the option again, and a
+#: saved calibration of a real model is hundreds of MB. One entry bounds the memory held.
+_LAST_LOADED: dict[tuple[str, int, int], Calibration] = {}
+
+
 def as_calibration(value: Any, where: str) -> Calibration:
-    """A :class:`Calibration` from a calibration or the path of a saved one (an option)."""
+    """A :class:`Calibration` from a calibration or the path of a saved one (an option).
+
+    A path is read once while the file stays unchanged (same modification time and size).
+    """
     if isinstance(value, Calibration):
         return value
     if isinstance(value, (str, os.PathLike)):
-        return Calibration.load(value)
+        path = Path(value).resolve()
+        try:
+            stat = path.stat()
+        except OSError:
+            return Calibration.load(value)  # its error names the missing file
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _LAST_LOADED:
+            _LAST_LOADED.clear()
+            _LAST_LOADED[key] = Calibration.load(path)
+        return _LAST_LOADED[key]
     raise TypeError(f"{where}: must be a qsparse_compile.Calibration or the path of a file "
                     f"written by Calibration.save, got {type(value).__name__}")
 

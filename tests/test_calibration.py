@@ -48,6 +48,21 @@ def test_saved_calibration_reloads_to_identical_outputs(model_and_calibration, t
     assert torch.equal(_compiled_logits(model, str(path), ids), expected)  # a path option
 
 
+def test_a_path_option_is_read_once_while_the_file_is_unchanged(model_and_calibration,
+                                                                tmp_path):
+    _, cal = model_and_calibration
+    path = cal.save(tmp_path / "cal.safetensors")
+    first = as_calibration(path, "calibration")
+    assert as_calibration(str(path), "calibration") is first  # same file: not read again
+    other = qc.Calibration.load(path)
+    other.allocate(0.5)  # a different file content (one more stored allocation)
+    other.save(path)
+    reread = as_calibration(path, "calibration")
+    assert reread is not first and "0.5/rotated" in reread.allocations
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        as_calibration(tmp_path / "missing.safetensors", "calibration")
+
+
 def test_load_refuses_other_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         qc.Calibration.load(tmp_path / "missing.safetensors")
