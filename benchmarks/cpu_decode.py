@@ -1,4 +1,4 @@
-"""Decode-step GEMV on the CPU: ``qsparse::cpu_sparse_gemv`` against dense ``F.linear``.
+"""Decode-step GEMV on the CPU: ``qsparse_bench::cpu_sparse_gemv`` against dense ``F.linear``.
 
 For each dtype, projection shape (out x in), token count and sparsity, the activations are fresh
 top-K-sparsified random rows every repeat (``qsparse_compile.reference.topk_sparsify`` with
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _machine import cpu_model, others_busy_cpus
+from sparse_gemv_kernel import prepare_weight, sparse_gemv
 
-from qsparse_compile.codegen.cpu import prepare_weight, sparse_gemv
-from qsparse_compile.codegen.cpu.cost_model import CacheFlusher
+from qsparse_compile.codegen.cpu.machine import CacheFlusher
 from qsparse_compile.config import topk_count
 from qsparse_compile.reference import topk_sparsify
 
@@ -81,7 +81,7 @@ def bench_case(
 ) -> dict:
     """Time ours / F.linear / torch.mv on fresh activations; medians in milliseconds."""
     k = topk_count(in_features, sparsity)
-    op = torch.ops.qsparse.cpu_sparse_gemv
+    op = torch.ops.qsparse_bench.cpu_sparse_gemv
     samples: dict[str, list[float]] = {"ours": [], "kernel": [], "linear": []}
     if tokens == 1:
         samples["mv"] = []
@@ -141,7 +141,7 @@ def bench_case(
 def format_table(results: list[dict]) -> str:
     """One row per case; ratios are dense time over ours (above 1: ours is faster).
 
-    ``op`` is ``torch.ops.qsparse.cpu_sparse_gemv`` (what a model calls), ``kernel`` the same
+    ``op`` is ``torch.ops.qsparse_bench.cpu_sparse_gemv`` (what a model calls), ``kernel`` the same
     kernel called without the dispatcher (``sparse_gemv``); the difference is dispatch cost.
     """
     head = (

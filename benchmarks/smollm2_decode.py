@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 from _machine import cpu_model, others_busy_cpus
 
-from qsparse_compile.backend import last_results
+from qsparse_compile.compile_records import records_of
 from qsparse_compile.config import QSparseConfig, topk_count
-from qsparse_compile.models.smollm2 import load_smollm2
 from qsparse_compile.passes import cpu_decode
 from qsparse_compile.reference import reference_model
+from qsparse_compile.research.models.smollm2 import load_smollm2
 
 FALLBACK_PROMPT = (
     "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet "
@@ -54,7 +54,7 @@ TARGET_FRACTION = 0.8
 def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
     """The first ``tokens`` tokens of the Shakespeare validation text (or a fixed line)."""
     try:
-        from qsparse_compile.data.shakespeare import shakespeare_split
+        from qsparse_compile.research.data.shakespeare import shakespeare_split
 
         text = shakespeare_split().validation[:4000]
     except (ModuleNotFoundError, FileNotFoundError):
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         tokens[name], _ = decoder.run()
         compile_s[name] = time.perf_counter() - start
-    decode_groups = [r.decode for r in last_results(4)]
+    decode_groups = [r.decode for r in records_of(sparse_fwd).graphs]
     print(f"compile + first run: dense {compile_s['dense']:.0f} s, qsparse "
           f"{compile_s['qsparse']:.0f} s; fused groups per qsparse graph: {decode_groups}")
 

@@ -56,10 +56,10 @@ from recipe_common import (
 from tqdm import tqdm
 
 import qsparse_compile  # noqa: F401  (registers the qsparse ops)
-from qsparse_compile import backend
-from qsparse_compile.data import shakespeare_split
-from qsparse_compile.measure import measure_sparsity
-from qsparse_compile.report import report, rows_from_records
+from qsparse_compile.compile_records import records_of
+from qsparse_compile.report import report
+from qsparse_compile.research.data import shakespeare_split
+from qsparse_compile.research.measure import measure_sparsity
 
 #: Rows of the training-free table: qsparse options.
 TRAINING_FREE: dict[str, dict[str, Any]] = {
@@ -122,7 +122,7 @@ TINY = {"steps": 6, "batch": 2, "seq": 32, "warmup": 2, "eval_seqs": 4, "eval_le
 
 def load_model(layers: int | None = None):
     """(model, tokenizer): SmolLM2-135M, optionally cut to its first ``layers`` layers."""
-    from qsparse_compile.models.smollm2 import load_smollm2
+    from qsparse_compile.research.models.smollm2 import load_smollm2
 
     model, tokenizer = load_smollm2()
     if layers is not None:
@@ -198,14 +198,13 @@ def evaluate(compiled: torch.nn.Module, windows: torch.Tensor, batch: int,
 
 def compile_model(model: torch.nn.Module, options: dict[str, Any], inner: str):
     torch._dynamo.reset()  # a fresh compile per configuration
-    backend.reset_records()
     return torch.compile(model, backend="qsparse", dynamic=False,
                          options={**options, "inner": inner})
 
 
-def compiled_summary() -> dict[str, Any]:
-    results = backend.last_results(64)
-    rows = rows_from_records(r for res in results for r in res.records)
+def compiled_summary(compiled: torch.nn.Module) -> dict[str, Any]:
+    results = records_of(compiled).graphs
+    rows = report(compiled)
     methods = sorted({r["method"] for r in rows})
     # evaluation and training shapes compile one graph each: count projections once
     return {"graphs": len(results), "projections": len({r["path"] for r in rows}),
@@ -243,7 +242,7 @@ def training_free(s: Settings, out: Path, command: str, resume: bool) -> dict[st
         t0 = time.perf_counter()
         compiled = compile_model(model, options, s.inner)
         row = evaluate(compiled, windows, s.eval_batch)
-        row["compiled"] = compiled_summary()
+        row["compiled"] = compiled_summary(compiled)
         row["options"] = _jsonable(options)
         row["report_activated_fraction"] = round(
             report(model, **options).totals["activated_fraction"], 4)
@@ -333,7 +332,7 @@ def fine_tune(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, r
         log["wall"]["train_s"] += seconds
         if step == start:
             log["wall"].setdefault("first_step_s", round(seconds, 2))  # includes the compile
-            log["compiled"] = compiled_summary()
+            log["compiled"] = compiled_summary(compiled)
         else:
             step_times.append(seconds)
         if not math.isfinite(loss.item()):

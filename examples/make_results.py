@@ -283,7 +283,7 @@ def from_scratch_section(logs: dict[str, dict[str, Any]]) -> tuple[list[str], di
         f"({s['seed']}): identical initial weights and batches in every run. Held-out loss: "
         f"{s['eval_seqs']} windows of {s['seq']} bytes spread evenly over the held-out plays, "
         f"through the compiled model. Measured sparsity: "
-        f"`qsparse_compile.measure.measure_sparsity` on one fixed held-out batch "
+        f"`qsparse_compile.research.measure.measure_sparsity` on one fixed held-out batch "
         f"({s['batch']}×{s['seq']} bytes). Inner compiler: {s['inner']}; "
         f"{s['threads']} thread(s).",
         "",

@@ -36,10 +36,10 @@ import torch
 from recipe_common import REPO, command_line, provenance, read_json, set_threads, write_json
 
 import qsparse_compile as qc
-from qsparse_compile import backend
-from qsparse_compile.allocation import activated, allocation_table, budget
-from qsparse_compile.calibration import summary
-from qsparse_compile.report import report, rows_from_records
+from qsparse_compile.compile_records import records_of
+from qsparse_compile.report import report
+from qsparse_compile.research.allocation import activated, allocation_table, budget
+from qsparse_compile.research.calibration import summary
 
 #: Rows of the table: (sparsity, rotated, allocated); dense has sparsity 0.
 ROWS: dict[str, tuple[float, bool, bool]] = {
@@ -102,9 +102,8 @@ def run_row(name: str, model: torch.nn.Module, cal: qc.Calibration, windows: tor
     compile_options = {**options, "calibration": cal} if rotated and sparsity else options
     compiled = ct.compile_model(model, compile_options, s.inner)
     row: dict[str, Any] = ct.evaluate(compiled, windows, s.eval_batch)
-    results = backend.last_results(64)
-    compiled_rows = rows_from_records([r for res in results for r in res.records],
-                                      [rot for res in results for rot in res.rotations])
+    results = records_of(compiled).graphs
+    compiled_rows = report(compiled)
     row["compiled"] = {"graphs": len(results), "rotated_inputs": sum(
         len(res.rotations) for res in results), **{
         k: (round(v, 4) if isinstance(v, float) else v)

@@ -13,8 +13,8 @@ with ``torch.compile(model, backend="qsparse", options=...)``; only the options 
 
 All runs use ``relu2_glu=True``: the compiler turns the model's SwiGLU feed-forward into the
 squared-ReLU GLU Q-Sparse trains with. The measured input sparsity of every projection is logged
-during training (:func:`qsparse_compile.measure.measure_sparsity` on a fixed held-out batch), as
-is the held-out loss (whole plays never seen in training).
+during training (:func:`qsparse_compile.research.measure.measure_sparsity` on a fixed held-out
+batch), as is the held-out loss (whole plays never seen in training).
 
     python examples/train_from_scratch.py --all              # every run, as in docs/RESULTS.md
     python examples/train_from_scratch.py --run topk40 --steps 200
@@ -56,12 +56,12 @@ from recipe_common import (
 from tqdm import tqdm
 
 import qsparse_compile  # noqa: F401  (registers the qsparse ops; the backend needs no import)
-from qsparse_compile import backend
-from qsparse_compile.data import shakespeare_split
-from qsparse_compile.measure import measure_sparsity
-from qsparse_compile.models import TinyLlama, TinyLlamaConfig
-from qsparse_compile.passes.module_path import role_of
-from qsparse_compile.report import rows_from_records
+from qsparse_compile.compile_records import records_of
+from qsparse_compile.report import report
+from qsparse_compile.research.data import shakespeare_split
+from qsparse_compile.research.measure import measure_sparsity
+from qsparse_compile.research.models import TinyLlama, TinyLlamaConfig
+from qsparse_compile.roles import role_of
 
 #: The runs: qsparse options (``relu2_glu`` and ``inner`` are added to all of them).
 RUNS: dict[str, dict[str, Any]] = {
@@ -215,7 +215,6 @@ def run(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, resume:
             return log
 
     torch._dynamo.reset()  # a fresh compile per run: no graph cached from another run's options
-    backend.reset_records()
     compiled = torch.compile(model, backend="qsparse", options=options)
     step_times: list[float] = []
 
@@ -242,7 +241,7 @@ def run(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, resume:
         t0 = time.perf_counter()
         evaluate(0)
         log["wall"]["first_call_s"] = round(time.perf_counter() - t0, 2)
-        log["compiled"] = compiled_summary(name)
+        log["compiled"] = compiled_summary(name, compiled)
     end = s.steps if stop_at is None else min(stop_at, s.steps)
     bar = tqdm(range(start, end), desc=name, initial=start, total=s.steps,
                disable=not progress, mininterval=5, file=sys.stderr)
@@ -294,11 +293,11 @@ def projection_grad_norms(model: torch.nn.Module) -> dict[str, list[float]]:
     return norms
 
 
-def compiled_summary(name: str) -> dict[str, Any]:
-    """What the compiler did to the graph (from the backend's records), checked against the
-    run's intent: a projection silently left dense would make the comparison meaningless."""
-    results = backend.last_results(64)
-    rows = rows_from_records(r for res in results for r in res.records)
+def compiled_summary(name: str, compiled: torch.nn.Module) -> dict[str, Any]:
+    """What the compiler did to the graph (from the compilation's records), checked against
+    the run's intent: a projection silently left dense would make the comparison meaningless."""
+    results = records_of(compiled).graphs
+    rows = report(compiled)
     if RUNS[name].get("quant"):
         quant = RUNS[name]["quant"]
         wrong = [r["path"] for r in rows if r["role"] != "head" and r["quant"] != quant]

@@ -3,18 +3,29 @@
 ``torch.compile(model, backend="qsparse", options={"sparsity": 0.4})`` sparsifies the input of
 every linear projection with top-K (straight-through for training) or block N:M; the operators
 live in ``torch.ops.qsparse``; :mod:`qsparse_compile.reference` is the eager oracle.
+
+Importing the package registers the ops and nothing heavier: neither Inductor nor Triton is
+imported until a graph is compiled, and the research tools (:mod:`.research`: scaling law,
+calibration, sparsity measurement, models and data) only when used. ``calibrate`` and
+``Calibration`` are re-exported from there on first access.
 """
 
+from typing import Any
+
 from . import ops  # noqa: F401  (registers torch.ops.qsparse)
-from .calibrate import calibrate
-from .calibration import Calibration
+from .backend import Backend
 from .config import QSparseConfig, topk_count
 from .export import sparsify_exported
 from .functional import sparse_projection, sparsify
+from .options import CompileOptions
 from .report import Report, report
+from .rotations import Rotations
 
 __all__ = [
+    "Backend",
+    "CompileOptions",
     "QSparseConfig",
+    "Rotations",
     "topk_count",
     "sparsify",
     "sparse_projection",
@@ -25,3 +36,15 @@ __all__ = [
     "Calibration",
 ]
 __version__ = "0.1.0"
+
+_RESEARCH = {"calibrate": "qsparse_compile.research.calibrate",
+             "Calibration": "qsparse_compile.research.calibration"}
+
+
+def __getattr__(name: str) -> Any:
+    """``calibrate`` / ``Calibration`` from :mod:`.research`, imported on first access."""
+    if name in _RESEARCH:
+        import importlib
+
+        return getattr(importlib.import_module(_RESEARCH[name]), name)
+    raise AttributeError(f"module 'qsparse_compile' has no attribute {name!r}")

@@ -1,138 +1,137 @@
 """The ``qsparse`` torch.compile backend.
 
 ``torch.compile(model, backend="qsparse", options={...})`` works without importing this package:
-the backend is registered through the ``torch_dynamo_backends`` entry point. Dynamo hands us
-each captured graph; we rewrite its projections, share and fuse (:func:`passes.run_passes`;
-``fuse=False`` stops after the rewrite) and pass the result to the inner compiler: Inductor's
-``compile_fx`` by default (which runs AOTAutograd, so training works through the ops'
-straight-through gradients), or ``inner="eager"`` to run the rewritten graph as it is.
+the backend is registered through the ``torch_dynamo_backends`` entry point. For each graph
+Dynamo captures, the backend
 
-Backend options, given in ``options`` beside the sparsity options:
+1. reads the options once (:class:`~qsparse_compile.options.CompileOptions`);
+2. finds what was compiled and names its parameters by identity (:mod:`.passes.identity`):
+   projection paths are ``named_modules()`` names, never Dynamo's source names;
+3. traces the graph to normalised pre-dispatch ATen (:mod:`.passes.normalise`);
+4. runs the passes (:class:`~qsparse_compile.passes.PassManager`): rewrite, share, fuse, and on
+   inference graphs the device lowerings, whose prepared weights join the graph as extra
+   inputs the returned callable supplies (:mod:`.passes.constants`);
+5. hands the graph to the inner compiler: Inductor's ``compile_fx`` (AOTAutograd, so training
+   works through the ops' straight-through gradients; training graphs on the Triton path get
+   a post-grad pass that retargets them to the kernels), or ``inner="eager"`` to run it as is.
 
-* ``inner``: ``"inductor"`` (default) or ``"eager"``: the compiler the rewritten graph goes to.
-* ``fuse``: ``True`` (default) or ``False``: share one sparsify among projections reading the
-  same tensor and fuse norm + sparsify (+ quant) into one op.
-* ``decode``: ``True`` (default) or ``False``: for graphs compiled for inference (grad mode
-  off) on CPU weights with few rows per call (decode), replace each group of projections that
-  read one sparsified tensor (q/k/v, gate/up, o, down) by one ``qsparse::cpu_topk_linear``: the
-  selection fused into a CPU sparse GEMV over the group's concatenated, K-major weights,
-  prepared once at compile time (:mod:`passes.cpu_decode`). A measured cost model decides per
-  group whether it beats the dense product; ``False`` keeps the generic ops.
-* ``calibration``: a :class:`~qsparse_compile.Calibration` (or the path of a saved one):
-  sparsify each projection's input in the calibration's rotated space (the rotation folded
-  into the weights once, at compile time; :mod:`passes.rotate`). Default: no rotation.
-* ``kernels``: ``"auto"`` (default) or ``"triton"``: which kernels the graph runs on
-  (:mod:`passes.kernel_select`). ``"auto"`` selects the Triton kernels for graphs whose
-  projection weights are on CUDA (where CUDA and Triton are available): the ``qsparse``
-  sparsify ops, fused norm + sparsify included, get the Triton kernels as their CUDA
-  implementations; with grad mode off, each decode-shaped group of projections sharing one
-  input (at most 8 rows per call) becomes one Triton sparse GEMV over K-major weights prepared
-  once at compile time (:mod:`passes.cuda_decode`, instead of the CPU decode op); projections
-  on 2:4-compatible N:M inputs become ``qsparse::block_sparse_linear``, which runs the 2:4
-  semi-structured sparse matmul where the GPU takes it (:mod:`passes.block_prefill`). Graphs on
-  CPU weights keep the default ops. ``"triton"`` forces that path on any graph; on CPU tensors
-  the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` must be set before Triton is
-  imported), which is slow and meant for tests.
+What each graph's passes did is kept with the compiled object (:mod:`.compile_records`) and
+by a :class:`Backend` object when one is passed instead of the name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx
 
-from .calibration import Calibration, as_calibration
-from .config import OPTION_NAMES, QSparseConfig
-from .passes import PassResult, RewrittenProjection, WeightTable, run_passes
-from .passes.kernel_select import check_kernels
+from .compile_records import compiled_key, remember
+from .config import QSparseConfig
+from .options import CompileOptions
+from .passes import GraphResult, PassManager, WeightTable
+from .passes.constants import ExtraInputs
+from .passes.identity import ParameterNames, compiled_call, compiled_module, roots_for
+from .passes.normalise import normalise
+from .rotations import as_rotations
 
-INNER_COMPILERS = ("inductor", "eager")
-BACKEND_OPTIONS = ("inner", "fuse", "decode", "calibration", "kernels")
-
-#: The projections rewritten by the most recent graphs compiled in this process, newest last.
-#: Read it with :func:`last_compiled`; it is what ``report`` shows for a compiled model.
-_LAST_RESULTS: list[PassResult] = []
-
-
-def split_options(options: QSparseConfig | Mapping[str, Any] | None
-                  ) -> tuple[QSparseConfig, str, bool, bool]:
-    """Separate backend options (``inner``, ``fuse``, ``decode``) from sparsity options;
-    validate all. Returns ``(config, inner, fuse, decode)``."""
-    if isinstance(options, QSparseConfig):
-        return options, "inductor", True, True
-    opts = dict(options or {})
-    opts.pop("calibration", None)  # read by calibration_option
-    opts.pop("kernels", None)  # read by kernels_option
-    unknown = sorted(set(opts) - set(OPTION_NAMES) - set(BACKEND_OPTIONS))
-    if unknown:
-        # checked here, not by the config, so the allowed list names the backend's options too
-        raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(OPTION_NAMES + BACKEND_OPTIONS)}"
-        )
-    inner = opts.pop("inner", "inductor")
-    if inner not in INNER_COMPILERS:
-        raise ValueError(
-            f"option 'inner': got {inner!r}, allowed: {', '.join(map(repr, INNER_COMPILERS))}"
-        )
-    fuse = opts.pop("fuse", True)
-    if not isinstance(fuse, bool):
-        raise TypeError(f"option 'fuse': must be True or False, got {fuse!r}")
-    decode = opts.pop("decode", True)
-    if not isinstance(decode, bool):
-        raise TypeError(f"option 'decode': must be True or False, got {decode!r}")
-    return QSparseConfig.from_options(opts), inner, fuse, decode
+__all__ = ["Backend", "compile_graph", "qsparse_backend"]
 
 
-def calibration_option(options: QSparseConfig | Mapping[str, Any] | None
-                       ) -> Calibration | None:
-    """The ``calibration`` backend option as a :class:`Calibration` (loaded from its file when
-    a path is given), or None when it is absent or None."""
-    if not isinstance(options, Mapping) or options.get("calibration") is None:
-        return None
-    return as_calibration(options["calibration"], "option 'calibration'")
+def _unnamed_parameters(example_inputs: list, names: ParameterNames) -> int:
+    return sum(isinstance(x, torch.nn.Parameter) and x not in names for x in example_inputs)
 
 
-def kernels_option(options: QSparseConfig | Mapping[str, Any] | None) -> str:
-    """The validated ``kernels`` backend option: ``"auto"`` (default) or ``"triton"``."""
-    if not isinstance(options, Mapping):
-        return "auto"
-    return check_kernels(options.get("kernels", "auto"))
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions,
+                  results: list[GraphResult] | None = None) -> Callable:
+    """Rewrite and compile one Dynamo graph under ``options``; the backend's body.
+
+    ``results`` (a :class:`Backend`'s list) also receives the graph's :class:`GraphResult`.
+    """
+    call = compiled_call()
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    roots = roots_for(call, tensors)
+    names = ParameterNames(roots)
+    unnamed = _unnamed_parameters(example_inputs, names)
+    if unnamed:
+        warnings.warn(
+            f"qsparse: {unnamed} parameter(s) of this graph belong to no module the compiled "
+            f"callable reads (compiled: {type(getattr(call, 'callable', None)).__name__}); the "
+            f"projections reading them are left dense, since their paths are unknown",
+            stacklevel=2)
+    graph = normalise(gm, example_inputs)
+    weights = WeightTable.for_dynamo(graph, example_inputs, names)
+    constants = ExtraInputs(graph, example_inputs)
+    inference = not torch.is_grad_enabled()
+    rotations = None if options.calibration is None else as_rotations(
+        options.calibration, "option 'calibration'")
+    result = PassManager(options, rotations).run(graph, weights, constants, inference)
+    result.constants = constants.by_name()
+    if results is not None:
+        results.append(result)
+    if call is not None:
+        # kept for what torch.compile returned (each compilation its own records) when that
+        # is a module, else for the compiled callable
+        module = compiled_module()
+        # what the passes did, without the graph and the prepared weights: a model's records
+        # must not hold copies of its weights
+        remember([compiled_key(call.callable) if module is None else module],
+                 dataclasses.replace(result, graph=None, constants={}))
+    inputs = [*example_inputs, *constants.values]
+    if options.inner == "eager":
+        return constants.bind(graph.forward)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches: dict[str, Any] = {}
+    if result.triton is not None and not inference:
+        from .passes.post_grad import triton_post_grad_pass
+
+        patches["post_grad_custom_post_pass"] = triton_post_grad_pass()
+    return constants.bind(compile_fx(graph, inputs, config_patches=patches or None))
 
 
-def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
-                    options: QSparseConfig | Mapping[str, Any] | None = None,
-                    **kwargs: Any) -> Callable:
-    """Dynamo backend: sparsify every projection of ``gm``, then compile it."""
+def _check_mode(kwargs: Mapping[str, Any]) -> None:
     if kwargs.get("mode") not in (None, "default"):
         raise ValueError(f"backend 'qsparse': mode={kwargs['mode']!r} is not supported; "
                          f"pass settings through options=")
-    config, inner, fuse, decode = split_options(options)
-    kernels = kernels_option(options)
-    result = run_passes(gm, WeightTable.from_dynamo(gm, example_inputs), config, fuse=fuse,
-                        decode=decode, calibration=calibration_option(options),
-                        kernels=kernels)
-    _LAST_RESULTS.append(result)
-    del _LAST_RESULTS[:-64]  # keep memory bounded under many recompilations
-    if inner == "eager":
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs)
 
 
-def last_compiled(graphs: int = 1) -> list[RewrittenProjection]:
-    """Records of the projections in the ``graphs`` most recently compiled graphs."""
-    return [r for result in _LAST_RESULTS[-graphs:] for r in result.records]
+def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
+                    options: CompileOptions | QSparseConfig | Mapping[str, Any] | None = None,
+                    **kwargs: Any) -> Callable:
+    """Dynamo backend: sparsify every projection of ``gm``, then compile it."""
+    _check_mode(kwargs)
+    return compile_graph(gm, example_inputs, CompileOptions.parse(options))
 
 
-def last_results(graphs: int = 1) -> list[PassResult]:
-    """The pass results (records, shared and fused counts) of recent graphs."""
-    return list(_LAST_RESULTS[-graphs:])
+class Backend:
+    """The backend as an object that keeps what it did, for ``torch.compile(backend=...)``.
 
+    ``Backend(sparsity=0.4)`` (or ``Backend({...})``, the options of ``backend="qsparse"``)
+    validates the options at once; :attr:`results` lists one :class:`GraphResult` per graph
+    compiled with it, oldest first::
 
-def reset_records() -> None:
-    """Forget recorded compilations (tests call this between models)."""
-    _LAST_RESULTS.clear()
+        backend = qsparse_compile.Backend(sparsity=0.5, inner="eager")
+        compiled = torch.compile(model, backend=backend)
+        compiled(ids)
+        print(qsparse_compile.report(backend))
+    """
+
+    def __init__(self, options: CompileOptions | QSparseConfig | Mapping[str, Any] | None = None,
+                 **more: Any):
+        self.options = CompileOptions.parse(options, **more)
+        self.results: list[GraphResult] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any
+                 ) -> Callable:
+        _check_mode(kwargs)
+        return compile_graph(gm, example_inputs, self.options, self.results)
+
+    def __repr__(self) -> str:
+        shown = {k: (type(v).__name__ if k == "calibration" and v is not None
+                     and not isinstance(v, str) else v)
+                 for k, v in self.options.to_dict().items()}
+        return f"Backend({shown!r}, graphs={len(self.results)})"

@@ -147,7 +147,7 @@ def _load_model(name: str, config):
     import torch
 
     if name == "demo":
-        from .models import TinyLlama
+        from .research.models import TinyLlama
 
         return TinyLlama()
     try:
@@ -170,7 +170,7 @@ def _load_model(name: str, config):
 
 
 def _parse_params(text: str | None):
-    from .scaling import PAPER_FULL_PRECISION, LawParams
+    from .research.scaling import PAPER_FULL_PRECISION, LawParams
 
     if text is None:
         return PAPER_FULL_PRECISION
@@ -203,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         rep = report(_load_model(args.model, config), config=config)
         print(rep.to_json(indent=2) if args.json else rep)
     elif args.command == "plan":
-        from .scaling import plan
+        from .research.scaling import plan
 
         params = _parse_params(args.params)
         try:

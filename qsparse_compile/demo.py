@@ -11,16 +11,16 @@ import time
 
 import torch
 
-from . import backend
 from .config import QSparseConfig
-from .models import TinyLlama, TinyLlamaConfig
 from .reference import reference_model
-from .report import rows_from_records
+from .report import report
 
 
 def run_demo(sparsity: float = 0.4, inner: str = "inductor", seq_len: int = 32,
              seed: int = 0) -> dict:
     """Run the demo and return its figures (also printed)."""
+    from .research.models import TinyLlama, TinyLlamaConfig
+
     config = QSparseConfig(sparsity=sparsity)
     torch.manual_seed(seed)
     model = TinyLlama(TinyLlamaConfig()).eval()
@@ -29,14 +29,13 @@ def run_demo(sparsity: float = 0.4, inner: str = "inductor", seq_len: int = 32,
           f"{model.config.num_layers} layers; input {tuple(ids.shape)}")
     print(f"compiling with backend='qsparse', sparsity={sparsity}, inner={inner!r} ...")
 
-    backend.reset_records()
     compiled = torch.compile(model, backend="qsparse",
                              options={**config.to_dict(), "inner": inner})
     start = time.perf_counter()
     with torch.no_grad():
         logits = compiled(ids)
     print(f"compiled and ran in {time.perf_counter() - start:.1f} s\n")
-    rep = rows_from_records(backend.last_compiled())
+    rep = report(compiled)
     print(rep)
 
     with torch.no_grad(), reference_model(model, config):

@@ -1,7 +1,8 @@
 """Functional entry points: sparsify a tensor or run one projection with a config's semantics.
 
 These validate their options exactly as :class:`QSparseConfig` does, compute ``k`` once in
-Python (DESIGN.md point 1) and call the ``qsparse`` ops, so they are what the compiler inserts.
+Python (DESIGN.md point 1) and call the ``qsparse`` ops through :mod:`qsparse_compile.plan`,
+the same composition the graph rewrite inserts (:data:`QSPARSE_OPS` on FX proxies).
 """
 
 from __future__ import annotations
@@ -9,28 +10,49 @@ from __future__ import annotations
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.qsparse)
-from .config import ProjectionPlan, QSparseConfig, topk_count
+from . import plan as plan_module
+from .config import ProjectionPlan, QSparseConfig
 from .ops.checks import check_float
+
+__all__ = ["QSPARSE_OPS", "sparse_projection", "sparsify"]
 
 qsparse = torch.ops.qsparse
 
 
-def sparsify_with_plan(x: torch.Tensor, plan: ProjectionPlan,
-                       config: QSparseConfig) -> torch.Tensor:
-    """Sparsify (and, if configured, int8-quantize) a projection input as ``plan`` says."""
-    rescale = config.rescale == "l2"
-    if plan.method == "block":
-        n, m = plan.block
-        out = qsparse.block_sparsify(x, n, m, rescale, config.ste)
-    elif plan.method == "relu":
-        out = torch.relu(x)
-    elif plan.method == "topk":
-        out = qsparse.topk_sparsify(x, topk_count(x.shape[-1], plan.sparsity), rescale, config.ste)
-    else:
-        out = x
-    if plan.quant in ("int8", "bitnet"):
-        out = qsparse.int8_fake_quant(out)
-    return out
+class _QSparseOps:
+    """The ``qsparse`` ops as the elementary operations of :mod:`qsparse_compile.plan`.
+
+    Each calls the op's default overload, so applied to FX proxies it records exactly the node
+    an exported program or a rewritten graph holds.
+    """
+
+    @staticmethod
+    def topk(x, k, rescale, ste):
+        return qsparse.topk_sparsify.default(x, k, rescale, ste)
+
+    @staticmethod
+    def block(x, n, m, rescale, ste):
+        return qsparse.block_sparsify.default(x, n, m, rescale, ste)
+
+    @staticmethod
+    def relu(x):
+        return torch.ops.aten.relu.default(x)
+
+    @staticmethod
+    def int8(x):
+        return qsparse.int8_fake_quant.default(x)
+
+    @staticmethod
+    def ternary(w):
+        return qsparse.ternary_fake_quant.default(w)
+
+    @staticmethod
+    def linear(x, w, b):
+        return qsparse.sparse_linear.default(x, w, b)
+
+
+#: The ``qsparse`` ops, for :func:`qsparse_compile.plan.sparsify_input` / ``project``.
+QSPARSE_OPS = _QSparseOps()
 
 
 def sparsify(x: torch.Tensor, sparsity: float | None = None, **options) -> torch.Tensor:
@@ -44,7 +66,7 @@ def sparsify(x: torch.Tensor, sparsity: float | None = None, **options) -> torch
     """
     config = QSparseConfig.from_options(options, sparsity=sparsity)
     check_float("sparsify", "x", x)  # also when the plan is dense: no silent pass-through
-    return sparsify_with_plan(x, config.plan_for(""), config)
+    return plan_module.sparsify_input(x, config.plan_for(""), config, QSPARSE_OPS, x.shape[-1])
 
 
 def sparse_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -52,6 +74,4 @@ def sparse_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """``sparsify(x) @ W^T + b`` with the config's semantics (ternary weights for bitnet)."""
     if plan.dense:
         return torch.nn.functional.linear(x, weight, bias)
-    if plan.quant == "bitnet":
-        weight = qsparse.ternary_fake_quant(weight)
-    return qsparse.sparse_linear(sparsify_with_plan(x, plan, config), weight, bias)
+    return plan_module.project(x, weight, bias, plan, config, QSPARSE_OPS, x.shape[-1])

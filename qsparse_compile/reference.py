@@ -13,7 +13,10 @@ import contextlib
 
 import torch
 
-from .config import ProjectionPlan, QSparseConfig, topk_count
+from . import plan as plan_module
+from .config import ProjectionPlan, QSparseConfig
+from .modules import ProjectionModule, projection_modules
+from .plan import resolve_plan
 
 __all__ = [
     "topk_mask",
@@ -28,6 +31,7 @@ __all__ = [
     "reference_model",
     "rms_norm",
     "norm_sparsify",
+    "REFERENCE_OPS",
 ]
 
 
@@ -141,20 +145,30 @@ def norm_sparsify(x: torch.Tensor, norm: str, weight: torch.Tensor | None,
     return int8_fake_quant(out) if quant else out
 
 
+class _ReferenceOps:
+    """The oracle's elementary operations, for :mod:`qsparse_compile.plan`."""
+
+    @staticmethod
+    def topk(x, k, rescale, ste):
+        return topk_sparsify(x, k, "l2" if rescale else "none", ste)
+
+    @staticmethod
+    def block(x, n, m, rescale, ste):
+        return block_sparsify(x, n, m, "l2" if rescale else "none", ste)
+
+    relu = staticmethod(torch.relu)
+    int8 = staticmethod(int8_fake_quant)
+    ternary = staticmethod(ternary_fake_quant)
+    linear = staticmethod(torch.nn.functional.linear)
+
+
+#: The oracle's operations (sort-based masks, autograd.Function straight-through).
+REFERENCE_OPS = _ReferenceOps()
+
+
 def sparsify_input(x: torch.Tensor, plan: ProjectionPlan, config: QSparseConfig) -> torch.Tensor:
     """A projection's input as the model sees it: sparsified by ``plan``, then quantized."""
-    if plan.method == "block":
-        n, m = plan.block
-        out = block_sparsify(x, n, m, config.rescale, config.ste)
-    elif plan.method == "relu":
-        out = torch.relu(x)  # the baseline: an ordinary ReLU, ordinary gradient
-    elif plan.method == "topk":
-        out = topk_sparsify(x, topk_count(x.shape[-1], plan.sparsity), config.rescale, config.ste)
-    else:
-        out = x
-    if plan.quant in ("int8", "bitnet"):
-        out = int8_fake_quant(out)
-    return out
+    return plan_module.sparsify_input(x, plan, config, REFERENCE_OPS, x.shape[-1])
 
 
 def projection(
@@ -165,11 +179,7 @@ def projection(
     config: QSparseConfig,
 ) -> torch.Tensor:
     """``y = sparsify(x) W^T + b`` as specified; ternary weights when ``quant="bitnet"``."""
-    if plan.dense:
-        return torch.nn.functional.linear(x, weight, bias)
-    if plan.quant == "bitnet":
-        weight = ternary_fake_quant(weight)
-    return torch.nn.functional.linear(sparsify_input(x, plan, config), weight, bias)
+    return plan_module.project(x, weight, bias, plan, config, REFERENCE_OPS, x.shape[-1])
 
 
 @contextlib.contextmanager
@@ -184,26 +194,15 @@ def reference_model(model: torch.nn.Module, config: QSparseConfig | None = None,
     config = QSparseConfig.from_options(config, **options)
     handles = []
 
-    def hook(plan, transposed):
+    def hook(plan, proj: ProjectionModule):
         def run(module, inputs, output):
-            weight = module.weight.t() if transposed else module.weight
-            return projection(inputs[0], weight, module.bias, plan, config)
+            return projection(inputs[0], proj.weight_out_in(), proj.bias, plan, config)
         return run
 
-    for path, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear):
-            transposed = False
-        elif type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) \
-                and weight.dim() == 2:
-            transposed = True
-        else:
-            continue
-        plan = config.plan_for(path)
-        in_features = weight.shape[0] if transposed else weight.shape[1]
-        if plan.method == "block" and in_features % plan.block[1]:
-            plan = plan.without_sparsity()  # as the rewrite pass does: not sparsified
-        handles.append(module.register_forward_hook(hook(plan, transposed)))
+    for proj in projection_modules(model):
+        # block patterns that do not divide the width leave it dense, as the pass does
+        plan = resolve_plan(proj.path, proj.in_features, config, warn=False).plan
+        handles.append(proj.module.register_forward_hook(hook(plan, proj)))
     try:
         yield model
     finally:

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 
 from .config import ProjectionPlan, QSparseConfig
-from .passes.module_path import role_of
+from .modules import projection_modules
 from .passes.rewrite import RewrittenProjection
 from .passes.rotate import RotatedInput
+from .plan import resolve_plan
+from .roles import role_of
 
 COLUMNS = ("path", "role", "shape", "method", "quant", "sparsity", "k", "params",
            "activated_params")
@@ -109,8 +111,8 @@ def _fmt(value: Any) -> str:
 
 def rows_from_records(records: Iterable[RewrittenProjection],
                       rotations: Iterable[RotatedInput] = ()) -> Report:
-    """A report of what a pass did (``backend.last_compiled()``, ``sparsify_exported``);
-    ``rotations`` (``PassResult.rotations``) adds the cost of rotated inputs."""
+    """A report of what the passes did (a compilation's records, ``sparsify_exported``);
+    ``rotations`` (``GraphResult.rotations``) adds the cost of rotated inputs."""
     rows = [projection_row(r.projection.path, r.projection.in_features,
                            r.projection.out_features, r.plan, r.k, r.note) for r in records]
     return Report(with_rotations(rows, rotations))
@@ -135,53 +137,83 @@ def with_rotations(rows: list[dict[str, Any]], rotations: Iterable[RotatedInput]
     return rows
 
 
-def _module_projections(model: torch.nn.Module):
-    """(path, in, out) of ``nn.Linear`` and ``Conv1D``-style (``weight [in, out]``) modules."""
-    for path, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear):
-            yield path, module.in_features, module.out_features
-        elif type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) \
-                and weight.dim() == 2:
-            yield path, weight.shape[0], weight.shape[1]
+def compiled_report(compiled: Any) -> Report | None:
+    """The report of what the backend did for a compiled object (a ``torch.compile``'d module
+    or function, or a :class:`~qsparse_compile.backend.Backend`), or None if it compiled
+    nothing for it (yet: compilation happens at the first call)."""
+    from .compile_records import CompileRecords, records_of
+
+    if _is_backend(compiled):
+        records = CompileRecords()
+        for result in compiled.results:
+            records.add(result)
+    else:
+        records = records_of(compiled)
+    if records is None or not records.graphs:
+        return None
+    return rows_from_records(records.projections(), records.rotations())
 
 
-def report(model_or_program: torch.nn.Module | torch.export.ExportedProgram,
-           *example_args: Any, config: QSparseConfig | None = None,
+def report(model_or_program: Any, *example_args: Any, config: QSparseConfig | None = None,
            calibration: Any = None, **options: Any) -> Report:
-    """Report every projection of a model or exported program under the given options.
+    """Report every projection of a model, compiled model or exported program.
 
-    * an ``ExportedProgram``: the projections the pass finds in its graph;
+    * a compiled model or function, or a :class:`~qsparse_compile.backend.Backend`: what the
+      backend did to the graphs it compiled (paths, plans, ``k``), as it recorded them;
+      no options may be given (the compilation's own options apply);
+    * an ``ExportedProgram``: the projections the passes find in its graph;
     * a module with ``example_args``: the module is exported first, so functional projections
       (``x @ W.t()``) are found as the compiler finds them;
     * a module alone: its ``nn.Linear`` and ``Conv1D`` submodules.
 
-    ``calibration`` (a :class:`~qsparse_compile.Calibration` or the path of a saved one)
-    counts the rotations the compiler would insert for it (``rotation_macs``).
+    ``calibration`` (a calibration or the path of a saved one) counts the rotations the
+    compiler would insert for it (``rotation_macs``).
     """
-    from .calibration import as_calibration
-    from .export import _sparsify_exported
+    from .export import sparsify_exported_with_result
+    from .rotations import as_rotations
 
+    if _is_compiled(model_or_program) or _is_backend(model_or_program) or hasattr(
+            model_or_program, "_torchdynamo_orig_callable"):
+        if options or config is not None or calibration is not None or example_args:
+            raise ValueError("report: a compiled model reports what its compilation did, under "
+                             "its own options; give the uncompiled model to report other options")
+        compiled = compiled_report(model_or_program)
+        if compiled is None:
+            raise ValueError(f"report: nothing was compiled for this "
+                             f"{type(model_or_program).__name__} with backend='qsparse': "
+                             f"torch.compile compiles at the first call, and Dynamo reuses a "
+                             f"graph compiled for another instance of the same class")
+        return compiled
     config = QSparseConfig.from_options(config, **options)
-    cal = None if calibration is None else as_calibration(calibration, "report: calibration")
+    rotations = None if calibration is None else as_rotations(calibration,
+                                                              "report: calibration")
     if isinstance(model_or_program, torch.export.ExportedProgram):
-        _, records, rotations = _sparsify_exported(model_or_program, config, True, cal)
-        return rows_from_records(records, rotations)
+        _, result = sparsify_exported_with_result(model_or_program, config, True, rotations)
+        return rows_from_records(result.records, result.rotations)
     if not isinstance(model_or_program, torch.nn.Module):
-        raise TypeError(f"report: expected an nn.Module or an ExportedProgram, got "
-                        f"{type(model_or_program).__name__}")
+        raise TypeError(f"report: expected an nn.Module or an ExportedProgram, a compiled model "
+                        f"or function, or a Backend; got {type(model_or_program).__name__}")
     if example_args:
         ep = torch.export.export(model_or_program, tuple(example_args), strict=False)
-        _, records, rotations = _sparsify_exported(ep, config, True, cal)
-        return rows_from_records(records, rotations)
-    from .passes.rewrite import plan_projection
-
+        _, result = sparsify_exported_with_result(ep, config, True, rotations)
+        return rows_from_records(result.records, result.rotations)
     rows = []
-    for path, in_f, out_f in _module_projections(model_or_program):
-        probe = _PathOnly(path, in_f, out_f)
-        plan, k, note = plan_projection(probe, config)
-        rows.append(projection_row(path, in_f, out_f, plan, k, note))
-    return Report(with_rotations(rows, _calibrated_rotations(cal, config)))
+    for proj in projection_modules(model_or_program):
+        resolved = resolve_plan(proj.path, proj.in_features, config)
+        rows.append(projection_row(proj.path, proj.in_features, proj.out_features,
+                                   resolved.plan, resolved.k, resolved.note))
+    return Report(with_rotations(rows, _calibrated_rotations(rotations, config)))
+
+
+def _is_backend(obj: Any) -> bool:
+    from .backend import Backend
+
+    return isinstance(obj, Backend)
+
+
+def _is_compiled(obj: Any) -> bool:
+    """Whether ``obj`` is what ``torch.compile`` returned for a module."""
+    return isinstance(getattr(obj, "_orig_mod", None), torch.nn.Module)
 
 
 def _calibrated_rotations(calibration: Any, config: QSparseConfig) -> list[RotatedInput]:
@@ -196,10 +228,3 @@ def _calibrated_rotations(calibration: Any, config: QSparseConfig) -> list[Rotat
         if paths:
             out.append(RotatedInput(paths, group.dim))
     return out
-
-
-class _PathOnly:
-    """The fields of a projection that planning needs, for projections found by module walk."""
-
-    def __init__(self, path: str, in_features: int, out_features: int):
-        self.path, self.in_features, self.out_features = path, in_features, out_features

@@ -10,6 +10,8 @@ import os
 # conftest runs; so the variable is set here, first.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import inspect  # noqa: E402
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -24,15 +26,31 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 @pytest.fixture
 def fresh_dynamo():
-    """A test that compiles starts and ends with empty Dynamo caches and backend records.
+    """A test that compiles starts and ends with empty Dynamo caches.
 
     Use with ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``.
     """
     import torch
 
-    from qsparse_compile.backend import reset_records
-
     torch._dynamo.reset()
-    reset_records()
     yield
     torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``hf`` every test of a module that builds Hugging Face models (it uses
+    ``hf_models`` or ``transformers``): ``make test`` runs those again with the oldest
+    transformers the project declares."""
+    uses = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None:
+            continue
+        if module not in uses:
+            try:
+                source = inspect.getsource(module)
+            except (OSError, TypeError):
+                source = ""
+            uses[module] = "hf_models" in source or "transformers" in source
+        if uses[module]:
+            item.add_marker(pytest.mark.hf)

@@ -1,62 +1,26 @@
-"""Count the ops of FX graphs, and a Dynamo backend that counts before and after the passes.
+"""Count the ops of FX graphs, and a backend that records counts before and after the passes.
 
-Tests compare counts taken before and after a pass, so a pass that silently stops firing (or
-starts rewriting things it must not) fails a test rather than leaving a dense model behind.
+Tests compare counts taken before and after the passes, so a pass that silently stops firing
+(or starts rewriting things it must not) fails a test rather than leaving a dense model behind.
+The graphs counted are the normalised ATen graphs the passes work on: a dense projection is
+an ``mm``, ``addmm`` or ``bmm`` there, whatever the model's spelling.
 """
 
 from __future__ import annotations
 
 import collections
-import operator
 from typing import Any
 
-import torch
-import torch.fx
+from qsparse_compile.backend import Backend
+from qsparse_compile.passes.graph_utils import op_counts, op_name
 
-from qsparse_compile.backend import qsparse_backend
+__all__ = ["CountingBackend", "DENSE_PROJECTIONS", "dense_projections", "op_counts", "op_name",
+           "without"]
 
-#: Names under which the graphs we see spell a dense projection.
-DENSE_PROJECTIONS = ("linear", "addmm", "mm", "bmm")
+#: Names under which a graph spells a dense projection (a normalised one: only the products).
+DENSE_PROJECTIONS = ("linear", "mm", "addmm", "bmm")
 QSPARSE_OPS = ("topk_sparsify", "block_sparsify", "int8_fake_quant", "ternary_fake_quant",
                "sparse_linear", "norm_sparsify")
-
-
-def op_name(node: torch.fx.Node) -> str:
-    """A short, stable name for a node's target.
-
-    ``qsparse.sparse_linear.default`` -> ``sparse_linear``; ``aten.mm.default`` -> ``mm``;
-    ``torch._C._nn.linear`` / ``F.linear`` -> ``linear``; ``operator.matmul`` -> ``matmul``;
-    methods keep their name (``"t"``, ``"view"``).
-    """
-    target = node.target
-    if isinstance(target, str):
-        return target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._opname
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target._qualified_op_name.split("::")[-1]
-    if target is operator.matmul:
-        return "matmul"
-    return getattr(target, "__name__", str(target))
-
-
-def op_counts(gm: torch.fx.GraphModule) -> collections.Counter:
-    """How many times each op is called in ``gm`` (placeholders, outputs, attributes skipped)."""
-    return collections.Counter(
-        op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
-
-
-def live_op_counts(gm: torch.fx.GraphModule) -> collections.Counter:
-    """:func:`op_counts` of a dead-code-eliminated copy of ``gm`` (``gm`` is left untouched).
-
-    The passes end with dead-code elimination, so "before" counts taken this way differ from
-    "after" counts only by what the passes themselves did.
-    """
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    graph.eliminate_dead_code()
-    return collections.Counter(
-        op_name(n) for n in graph.nodes if n.op in ("call_function", "call_method"))
 
 
 def dense_projections(counts: collections.Counter) -> int:
@@ -67,26 +31,33 @@ def without(counts: collections.Counter, *names: str) -> collections.Counter:
     return collections.Counter({k: v for k, v in counts.items() if k not in names})
 
 
-class CountingBackend:
-    """``qsparse_backend`` wrapped to record op counts before and after, per compiled graph.
+class CountingBackend(Backend):
+    """The backend with ``inner="eager"`` by default and per-graph op counts at hand.
 
-    ``calls`` is the number of graphs compiled (a compile counter); ``before`` / ``after``
-    hold one Counter per graph; ``before_live`` leaves out nodes that were dead already.
+    ``calls`` is the number of graphs compiled; ``before`` / ``after`` hold one Counter per
+    graph: the normalised graph before the passes and the graph they produced.
     """
 
     def __init__(self, options: dict[str, Any] | None = None, inner: str = "eager"):
-        self.options = {**(options or {}), "inner": inner}
-        self.before: list[collections.Counter] = []
-        self.after: list[collections.Counter] = []
-        self.before_live: list[collections.Counter] = []
+        super().__init__({**(options or {}), "inner": inner})
 
     @property
     def calls(self) -> int:
-        return len(self.before)
+        return len(self.results)
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list):
-        self.before.append(op_counts(gm))
-        self.before_live.append(live_op_counts(gm))
-        compiled = qsparse_backend(gm, example_inputs, options=self.options)
-        self.after.append(op_counts(gm))
-        return compiled
+    @property
+    def before(self) -> list[collections.Counter]:
+        return [r.before for r in self.results]
+
+    @property
+    def before_live(self) -> list[collections.Counter]:
+        return self.before  # the normalised graph holds no dead code
+
+    @property
+    def after(self) -> list[collections.Counter]:
+        return [r.after for r in self.results]
+
+    def records(self, graphs: int | None = None) -> list:
+        """Projection records of the last ``graphs`` graphs (all by default), in order."""
+        chosen = self.results if graphs is None else self.results[-graphs:]
+        return [r for result in chosen for r in result.records]

@@ -11,9 +11,9 @@ import contextlib
 
 import torch
 
-from qsparse_compile.calibration import Calibration
 from qsparse_compile.config import QSparseConfig
 from qsparse_compile.reference import projection
+from qsparse_compile.research.calibration import Calibration
 
 
 @contextlib.contextmanager

@@ -12,10 +12,9 @@ import torch
 from hf_models import HF_MODELS, LAYERS, VOCAB, Logits, token_ids
 
 import qsparse_compile as qc
-from qsparse_compile.backend import last_compiled, reset_records
 from qsparse_compile.config import topk_count
-from qsparse_compile.models.tiny_llama import TinyLlama, TinyLlamaConfig
-from qsparse_compile.report import COLUMNS, rows_from_records
+from qsparse_compile.report import COLUMNS
+from qsparse_compile.research.models.tiny_llama import TinyLlama, TinyLlamaConfig
 
 KEYS = set(COLUMNS) | {"in_features", "out_features", "quant", "note", "rotation_macs"}
 
@@ -139,13 +138,16 @@ def test_module_walk_export_and_compile_agree(options):
     assert _by_path(walked) == _by_path(exported) == _by_path(traced)
 
     torch._dynamo.reset()
-    reset_records()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = torch.compile(model, backend="qsparse", options={**options, "inner": "eager"})
+        with pytest.raises(ValueError, match="nothing was compiled"):
+            qc.report(compiled)  # compilation happens at the first call
         with torch.no_grad():
             compiled(ids)
-    compiled_rows = rows_from_records(last_compiled())
+    compiled_rows = qc.report(compiled)
+    with pytest.raises(ValueError, match="its own options"):
+        qc.report(compiled, sparsity=0.1)
     torch._dynamo.reset()
     assert compiled_rows.totals == walked.totals
     assert _by_path(compiled_rows) == _by_path(walked)

@@ -19,6 +19,8 @@ backend's row multiple; the bias is added after the product, because PyTorch's s
 product. **The semi-structured branch runs only on a GPU**: on a machine without CUDA the gate
 is False and callers take the dense product on the masked input
 (``qsparse::block_sparse_linear``'s CPU implementation), which is what the tests exercise there.
+Importing this module registers :func:`cuda_block_sparse_linear` as the op's CUDA
+implementation; the N:M prefill lowering imports it where it retargets a projection.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
+from ..ops.block_linear import check_block_linear
+
 __all__ = [
     "DTYPES",
+    "cuda_block_sparse_linear",
     "MIN_CAPABILITY",
     "pattern_fits_2_4",
     "semi_structured_eligible",
@@ -155,3 +161,17 @@ def semi_structured_linear(x: torch.Tensor, weight: torch.Tensor,
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def cuda_block_sparse_linear(x: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+    """``qsparse::block_sparse_linear`` on CUDA: semi-structured where the gate allows, else
+    the dense product. A plain function, so its fallback branch is tested without a GPU."""
+    check_block_linear(x, weight, bias, n, m)
+    if semi_structured_supported(x, weight, n, m):
+        return semi_structured_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+# the kernel registers onto the op (importing this module is what selects it for CUDA)
+torch.library.register_kernel("qsparse::block_sparse_linear", "cuda", cuda_block_sparse_linear)

@@ -38,3 +38,20 @@ def check_block(op: str, n: int, m: int, dim: int) -> None:
             f"qsparse.{op}: the last dimension ({dim}) must be a multiple of m={m} "
             f"for block {n}:{m} sparsity"
         )
+
+
+def check_linear_operands(op: str, x: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None) -> None:
+    """Raise unless ``x [..., in]``, ``weight [out, in]`` and ``bias [out]`` fit one product."""
+    check_float(op, "x", x)
+    check_float(op, "weight", weight)
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"qsparse.{op}: expected x [..., in_features] and weight "
+            f"[out_features, in_features], got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(
+            f"qsparse.{op}: x, weight and bias must share a dtype, got "
+            f"{x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}"
+        )

@@ -9,44 +9,31 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_float
-
-
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    check_float("sparse_linear", "x", x)
-    check_float("sparse_linear", "weight", weight)
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"qsparse.sparse_linear: expected x [..., in_features] and weight "
-            f"[out_features, in_features], got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
-        )
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            f"qsparse.sparse_linear: x, weight and bias must share a dtype, got "
-            f"{x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}"
-        )
+from .checks import check_linear_operands
 
 
 @torch.library.custom_op("qsparse::sparse_linear", mutates_args=())
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight^T + bias`` where ``x`` is a sparsified activation."""
-    _check(x, weight, bias)
+    check_linear_operands("sparse_linear", x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
 @sparse_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    _check(x, weight, bias)
+    check_linear_operands("sparse_linear", x, weight, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _setup(ctx, inputs, output) -> None:
+def setup_context(ctx, inputs, output) -> None:
+    """Save what the backward of ``y = x W^T + b`` needs (shared with ``block_sparse_linear``)."""
     x, weight, bias = inputs
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight)
 
 
-def _backward(ctx, grad):
+def backward(ctx, grad):
+    """Dense products: the straight-through gradient belongs to the sparsify before this op."""
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
@@ -59,4 +46,4 @@ def _backward(ctx, grad):
     return grad_x, grad_w, grad_b
 
 
-sparse_linear.register_autograd(_backward, setup_context=_setup)
+sparse_linear.register_autograd(backward, setup_context=setup_context)

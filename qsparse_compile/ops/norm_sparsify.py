@@ -76,7 +76,10 @@ def norm_sparsify(x: torch.Tensor, norm: str, weight: torch.Tensor | None,
 @norm_sparsify.register_fake
 def _(x, norm, weight, bias, eps, k, n, m, rescale, quant, ste):
     _check(x, norm, k, n, m, real=False)
-    dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
+    # as the real op computes it: the RMS chain multiplies by the weight in the promoted
+    # dtype; F.layer_norm returns x's dtype
+    dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None and \
+        norm == "rms" else x.dtype
     return x.new_empty(x.shape, dtype=dtype)
 
 

@@ -16,20 +16,21 @@ replaces the group with::
     q, k, v = y[..., 0:Nq], y[..., Nq:Nq+Nk], y[..., Nq+Nk:]          # views
 
 where ``Wt_cat = cat([W_q^T, W_k^T, W_v^T], dim=1)`` is built once, here, from the real weights
-(``WeightTable.value``), and registered as a buffer of the graph module. The selection runs
-inside the GEMV's C call, and the group makes one call.
+(``WeightTable.value``), and added to the graph as a constant (:mod:`.constants`). The
+selection runs inside the GEMV's C call, and the group makes one call.
 
 Conditions (otherwise the group is left as it is, and later passes may fuse its norm):
 
-* grad mode is off while compiling: the op is inference-only. Dynamo compiles a frame under
-  the caller's grad mode (a model called under ``torch.no_grad()`` is compiled under it), and
-  a graph compiled with grad on is never reused with grad off: grad mode is guarded on.
+* the graph is compiled for inference (grad mode off): the op is inference-only. Dynamo
+  compiles a frame under the caller's grad mode (a model called under ``torch.no_grad()`` is
+  compiled under it), and a graph compiled with grad on is never reused with grad off: grad
+  mode is guarded on. The pass manager runs this lowering only then.
 * the sparsify is top-K or block N:M on a fp32/bf16 activation, with no int8 quantizer after
   it and no user other than the group's projections (through row-preserving views);
 * every weight (and bias) is a real CPU tensor of the activation's dtype, not quantized;
 * the graph's rows per call (product of the leading dimensions) are static and at most
   ``max_sparse_rows``, which the measured cost model decides for the group's shape
-  (``choose_sparse(..., kernel="topk_linear")``): the largest of 1, 2, 4, 8 rows for which the
+  (``choose_sparse``): the largest of 1, 2, 4, 8 rows for which the
   fused kernel still beats the generic path (0: never, the group is left alone). Prefill
   graphs (many rows) therefore keep the generic path and share no prepared weights with the
   decode graph.
@@ -46,32 +47,31 @@ import torch
 import torch.fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
-from ..codegen.cpu import topk_linear_op  # noqa: F401  (registers qsparse::cpu_topk_linear)
+from ..codegen.cpu import topk_linear_op
 from ..codegen.cpu.cost_model import choose_sparse
 from ..codegen.cpu.topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES
 from ..config import QSparseConfig
+from .constants import AddConstant
 from .decode_groups import (
-    BUFFER_PREFIX,
     Member,
     group_members,
-    prepared_bias,
-    register_constant,
+    prepared_constants,
     sparse_linear_inputs,
     splice_group,
     static_rows,
 )
-from .graph_utils import insert_call
-from .projections import tensor_meta
-from .share_inputs import _row_preserving
+from .dims import feature_view
+from .graph_utils import insert_like, insert_op, tensor_meta
+from .node_args import arguments, is_call, mutation_between
+from .share_inputs import SPARSIFY_OPS, graph_mutates
 from .weights import WeightTable
 
-aten = torch.ops.aten
 qsparse = torch.ops.qsparse
 
 #: Row counts the cost model is asked about, largest last.
 ROW_CANDIDATES = (1, 2, 4, 8)
 
-__all__ = ["BUFFER_PREFIX", "ROW_CANDIDATES", "prepare_cpu_decode"]
+__all__ = ["ROW_CANDIDATES", "lower_cpu_decode"]
 
 
 def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
@@ -82,25 +82,10 @@ def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
     never does. Stops at the first loss: more rows only widen the union of the masks."""
     best = 0
     for rows in ROW_CANDIDATES:
-        if not choose_sparse(in_features, out_features, rows, dtype, density,
-                             kernel="topk_linear"):
+        if not choose_sparse(in_features, out_features, rows, dtype, density):
             break
         best = rows
     return best
-
-
-def _chain_to_sparsify(x: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
-    """(sparsify node, row-preserving views from it down to ``x``), or None."""
-    chain: list[torch.fx.Node] = []
-    node = x
-    while True:
-        if node.op == "call_function" and node.target in (
-                qsparse.topk_sparsify.default, qsparse.block_sparsify.default):
-            return node, chain[::-1]
-        if not _row_preserving(node):
-            return None
-        chain.append(node)
-        node = node.args[0]
 
 
 def _prepared_weight(members: list[Member], dtype: torch.dtype) -> torch.Tensor:
@@ -111,76 +96,73 @@ def _prepared_weight(members: list[Member], dtype: torch.dtype) -> torch.Tensor:
         [m.weight if m.layout == "out_in" else m.weight.t() for m in members], "out_in", dtype)
 
 
-def prepare_cpu_decode(
+def lower_cpu_decode(
     gm: torch.fx.GraphModule,
     weights: WeightTable,
     config: QSparseConfig,
+    add_constant: AddConstant,
     *,
     decide: Callable[[int, int, torch.dtype, float], int] | None = None,
 ) -> int:
     """Replace qualifying sparsify + projection groups of ``gm`` by ``cpu_topk_linear``.
 
     Args:
-        gm: a graph rewritten by :func:`~qsparse_compile.passes.rewrite.sparsify_graph` (and
-            optionally :func:`~qsparse_compile.passes.share_inputs.share_sparsify_inputs`);
-            edited in place.
+        gm: an inference graph rewritten by :func:`~.rewrite.sparsify_graph` (and optionally
+            shared by :func:`~.share_inputs.share_sparsify_inputs`); edited in place.
         weights: the graph's weight table; ``weights.value`` must give the real tensors.
         config: the sparsity configuration the graph was rewritten with (``quant`` must be
             None: quantized groups are never taken).
+        add_constant: how the prepared weights join the graph (:mod:`.constants`).
         decide: ``(in_features, out_features, dtype, density) -> max_sparse_rows``; default
             the measured cost model (largest of 1, 2, 4, 8 rows for which sparse wins).
 
     Returns:
-        The number of groups replaced (0 when grad mode is on: the op cannot train).
+        The number of groups replaced.
     """
-    if torch.is_grad_enabled() or config.quant is not None:
+    if config.quant is not None:
         return 0
     decide = decide or _max_sparse_rows
     graph = gm.graph
+    copies = not graph_mutates(graph)
     replaced = 0
     for x_node in sparse_linear_inputs(graph):
-        found = _chain_to_sparsify(x_node)
-        if found is None:
+        traced = feature_view(x_node, lambda n: is_call(n, *SPARSIFY_OPS), copies=copies)
+        if traced is None:
             continue
-        sparsify, chain = found
-        source = sparsify.args[0]
+        sparsify, chain = traced.source, traced.chain
+        sargs = arguments(sparsify)
         meta = tensor_meta(x_node)
         if meta is None or meta.dtype not in SUPPORTED_DTYPES or meta.dim() < 1:
             continue
         rows = static_rows(meta)
         if rows is None or not 1 <= rows <= MAX_ROWS:
             continue
-        members = group_members(gm, weights, x_node,
+        members = group_members(weights, x_node,
                                 lambda t, dtype=meta.dtype: t.is_cpu and t.dtype == dtype)
-        if members is None:
-            continue
+        if members is None or mutation_between(sparsify, members[0].node):
+            continue  # (the selection moves to the product: nothing may write in between)
         D = int(meta.shape[-1])
         if sparsify.target == qsparse.topk_sparsify.default:
-            _, k, rescale, _ste = sparsify.args
-            n = m = 0
+            k, n, m = sargs["k"], 0, 0
             density = k / D
         else:
-            _, n, m, rescale, _ste = sparsify.args
-            k = 0
+            k, n, m = 0, sargs["n"], sargs["m"]
             density = n / m
         total_out = sum(mb.out_features for mb in members)
         max_rows = decide(D, total_out, meta.dtype, density)
         if rows > max_rows:
             continue
         with graph.inserting_before(members[0].node):
-            wt_node = register_constant(gm, _prepared_weight(members, meta.dtype), sparsify,
-                                        "wt")
-            bias = prepared_bias(members, meta.dtype)
-            b_node = None if bias is None else register_constant(gm, bias, sparsify, "b")
-            x_in = source
+            wt_node, b_node = prepared_constants(
+                add_constant, members, meta.dtype, sparsify,
+                lambda group, dtype=meta.dtype: _prepared_weight(group, dtype))
+            x_in = sargs["x"]
             for view in chain:  # sparsify commutes with row-preserving views: view the input
-                x_in = insert_call(graph, view.target, (x_in, *view.args[1:]), view,
-                                   kwargs=dict(view.kwargs), op=view.op)
-            y = insert_call(graph, qsparse.cpu_topk_linear.default,
-                            (x_in, k, n, m, rescale, wt_node, b_node, max_rows), members[0].node)
+                x_in = insert_like(graph, view, self=x_in)
+            y = insert_op(graph, qsparse.cpu_topk_linear.default, {
+                "x": x_in, "k": k, "n": n, "m": m, "rescale": sargs["rescale"],
+                "weight_t": wt_node, "bias": b_node, "max_sparse_rows": max_rows},
+                members[0].node)
             splice_group(graph, members, y, erase_after=[*reversed(chain), sparsify])
         replaced += 1
-    if replaced:
-        gm.recompile()
     return replaced
-

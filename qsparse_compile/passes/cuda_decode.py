@@ -14,20 +14,17 @@ This pass replaces the projections with::
     q, k, v = y[..., 0:Nq], y[..., Nq:Nq+Nk], y[..., Nq+Nk:]          # views
 
 where ``Wt_cat = cat([W_q^T, W_k^T, W_v^T], dim=1)`` (K-major, what the GEMV reads) is built
-once, here, from the real weights and registered as a buffer of the graph module: it is never
-rebuilt per call. The GEMV skips the weight rows of features that are zero in every row. The
-sparsifying op ``S`` is left as it is: on CUDA tensors its registered CUDA implementation is the
-Triton row kernel (:mod:`..codegen.triton.dispatch`), so the graph keeps the ordinary
-``qsparse`` op there; with ``kernels="triton"`` on CPU tensors :mod:`.triton_lowering` swaps it
-for the ``qsparse_triton`` op explicitly.
+once, here, from the real weights and added to the graph as a constant (:mod:`.constants`): it
+is never rebuilt per call. The GEMV skips the weight rows of features that are zero in every
+row. The sparsifying op ``S`` is retargeted to its Triton kernel by :mod:`.triton_lowering`.
 
 The pass runs after norm fusion (unlike the CPU pass, which fuses the selection into its own
 GEMV and so wants the norm unfused): the Triton path fuses the norm into the selection instead.
 
 Conditions (mirroring the CPU pass; otherwise the group keeps ``sparse_linear``):
 
-* grad mode is off while compiling: the GEMV op has no backward (see :mod:`.cpu_decode` on why
-  the compile-time grad mode is the one the graph runs under);
+* the graph is compiled for inference: the GEMV op has no backward (see :mod:`.cpu_decode`
+  on why the compile-time grad mode is the one the graph runs under);
 * the activation is fp32, fp16 or bf16 and every weight (and bias) is a real tensor of that
   dtype on the activation's device (CUDA for ``kernels="auto"``);
 * the graph's rows per call (product of the leading dimensions) are static and at most the
@@ -44,42 +41,40 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from .constants import AddConstant
 from .decode_groups import (
     group_members,
     k_major_weight,
-    prepared_bias,
-    register_constant,
+    prepared_constants,
     sparse_linear_inputs,
     splice_group,
     static_rows,
 )
-from .graph_utils import insert_call
-from .projections import tensor_meta
+from .graph_utils import insert_op, tensor_meta
 from .weights import WeightTable
 
-__all__ = ["DTYPES", "prepare_cuda_decode"]
+__all__ = ["DTYPES", "lower_cuda_decode"]
 
 #: Activation dtypes the Triton GEMV accepts (``template_common.DTYPES``, which imports Triton).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def prepare_cuda_decode(gm: torch.fx.GraphModule, weights: WeightTable, *,
-                        device_type: str = "cuda") -> int:
+def lower_cuda_decode(gm: torch.fx.GraphModule, weights: WeightTable, add_constant: AddConstant,
+                      *, device_type: str = "cuda") -> int:
     """Replace qualifying projection groups of ``gm`` by ``qsparse_triton.sparse_gemv``.
 
     Args:
-        gm: a graph rewritten by :func:`~qsparse_compile.passes.rewrite.sparsify_graph`
-            (optionally shared and norm-fused); edited in place.
+        gm: an inference graph rewritten by :func:`~.rewrite.sparsify_graph` (optionally
+            shared and norm-fused); edited in place.
         weights: the graph's weight table; ``weights.value`` must give the real tensors.
+        add_constant: how the prepared weights join the graph (:mod:`.constants`).
         device_type: the device the weights and activations must be on: ``"cuda"`` for the
             automatic selection; ``"cpu"`` when ``kernels="triton"`` forces the kernels onto CPU
             tensors (Triton's interpreter, for tests).
 
     Returns:
-        The number of groups replaced (0 when grad mode is on: the op cannot train).
+        The number of groups replaced.
     """
-    if torch.is_grad_enabled():
-        return 0
     # imported here: the compiler must work without Triton until a Triton path is selected
     from ..codegen.triton import ops as triton_ops  # noqa: F401  (registers qsparse_triton)
     from ..codegen.triton.gemv import MAX_TOKENS
@@ -95,18 +90,16 @@ def prepare_cuda_decode(gm: torch.fx.GraphModule, weights: WeightTable, *,
         if rows is None or not 1 <= rows <= MAX_TOKENS:
             continue
         members = group_members(
-            gm, weights, x_node,
+            weights, x_node,
             lambda t, like=meta: t.device == like.device and t.dtype == like.dtype)
         if members is None:
             continue
         with graph.inserting_before(members[0].node):
-            wt_node = register_constant(gm, k_major_weight(members, meta.dtype), x_node, "wt")
-            bias = prepared_bias(members, meta.dtype)
-            b_node = None if bias is None else register_constant(gm, bias, x_node, "b")
-            y = insert_call(graph, torch.ops.qsparse_triton.sparse_gemv.default,
-                            (x_node, wt_node, b_node), members[0].node)
+            wt_node, b_node = prepared_constants(
+                add_constant, members, meta.dtype, x_node,
+                lambda group, dtype=meta.dtype: k_major_weight(group, dtype))
+            y = insert_op(graph, torch.ops.qsparse_triton.sparse_gemv.default,
+                          {"x": x_node, "weight_t": wt_node, "bias": b_node}, members[0].node)
             splice_group(graph, members, y)
         replaced += 1
-    if replaced:
-        gm.recompile()
     return replaced

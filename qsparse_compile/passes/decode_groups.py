@@ -1,4 +1,4 @@
-"""Projection groups for the decode passes: find them, prepare constants, splice in one call.
+"""Projection groups for the decode lowerings: find them, prepare constants, splice in one call.
 
 After the rewrite (and sharing), several projections read one sparsified tensor::
 
@@ -6,11 +6,12 @@ After the rewrite (and sharing), several projections read one sparsified tensor:
     k = qsparse.sparse_linear(S, W_k, b_k)
     v = qsparse.sparse_linear(S, W_v, b_v)
 
-A decode pass replaces such a group by one product over the concatenated, K-major weights
-``cat([W_q^T, W_k^T, W_v^T], dim=1)`` prepared once at compile time, and splits the output with
-column views. What differs between the CPU pass (:mod:`.cpu_decode`) and the Triton pass
-(:mod:`.cuda_decode`) is the op called and which devices and dtypes qualify; everything here is
-shared by both.
+A decode lowering replaces such a group by one product over the concatenated, K-major weights
+``cat([W_q^T, W_k^T, W_v^T], dim=1)`` prepared once at compile time from the real weights
+(inference graphs treat the weights as constants, as Inductor's freezing does), and splits the
+output with column views. What differs between the CPU lowering (:mod:`.cpu_decode`) and the
+Triton one (:mod:`.cuda_decode`) is the op called and which devices and dtypes qualify;
+everything here is shared by both.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch
 import torch.fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
-from .constants import buffer_constants
-from .graph_utils import _run_fake, insert_call
+from .constants import AddConstant
+from .dims import trace_dims
+from .graph_utils import insert_op, run_fake
+from .node_args import arguments, is_call
 from .weights import WeightTable
 
 __all__ = [
@@ -32,8 +35,7 @@ __all__ = [
     "group_members",
     "k_major_weight",
     "prepared_bias",
-    "real_value",
-    "register_constant",
+    "prepared_constants",
     "sparse_linear_inputs",
     "splice_group",
     "static_rows",
@@ -42,48 +44,38 @@ __all__ = [
 aten = torch.ops.aten
 qsparse = torch.ops.qsparse
 
-#: Prefix of the buffers holding prepared weights on the graph module.
-BUFFER_PREFIX = "_qsparse_decode"
-
 
 @dataclasses.dataclass
 class Member:
-    """One projection of a group: ``sparse_linear(x_node, weight, bias)``."""
+    """One projection of a group: ``sparse_linear(x_node, weight, bias)``.
+
+    ``weight`` / ``bias`` are the real tensors read at compile time; ``weight_node`` /
+    ``bias_node`` the graph inputs they are, from which the prepared copy is made again when
+    the graph runs with other weights (:mod:`.constants`).
+    """
 
     node: torch.fx.Node
-    weight: torch.Tensor  # the real tensor
+    weight: torch.Tensor
     layout: str  # "out_in" (nn.Linear) or "in_out" (Conv1D, read through aten.t)
     bias: torch.Tensor | None
     out_features: int
+    weight_node: torch.fx.Node | None = None
+    bias_node: torch.fx.Node | None = None
 
 
-def real_value(gm: torch.fx.GraphModule, weights: WeightTable,
-               node: object) -> torch.Tensor | None:
-    """The real tensor behind a weight node (a Dynamo placeholder or a ``get_attr``)."""
-    if not weights.is_weight(node):
+def _weight_of(weights: WeightTable, node: object
+               ) -> tuple[torch.Tensor, str, torch.fx.Node] | None:
+    """(real weight, layout, its node) for a ``sparse_linear`` weight argument, or None (a
+    quantized or cast weight is not a constant the lowering can prepare)."""
+    traced = trace_dims(node, weights.is_weight)
+    if traced is None or traced.casts or len(traced.labels) != 2:
         return None
-    value = weights.value(node)
-    if value is None and node.op == "get_attr":
-        value = gm
-        for atom in str(node.target).split("."):
-            value = getattr(value, atom, None)
-    if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
+    if any(n.target is aten._to_copy.default for n in traced.chain):
         return None
-    return value
-
-
-def _weight_of(gm: torch.fx.GraphModule, weights: WeightTable,
-               node: object) -> tuple[torch.Tensor, str] | None:
-    """(real weight, layout) for a ``sparse_linear`` weight argument, or None."""
-    value = real_value(gm, weights, node)
-    if value is not None:
-        return value, "out_in"
-    if isinstance(node, torch.fx.Node) and node.op == "call_function" and \
-            node.target == aten.t.default:
-        value = real_value(gm, weights, node.args[0])
-        if value is not None:
-            return value, "in_out"
-    return None
+    value = weights.value(traced.source)
+    if value is None or value.dim() != 2:
+        return None
+    return value, ("out_in" if traced.labels == (0, 1) else "in_out"), traced.source
 
 
 def static_rows(meta: torch.Tensor) -> int | None:
@@ -98,32 +90,33 @@ def static_rows(meta: torch.Tensor) -> int | None:
 def sparse_linear_inputs(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The input nodes of ``qsparse.sparse_linear`` calls, in graph order, each once."""
     return list(dict.fromkeys(
-        n.args[0] for n in graph.nodes
-        if n.op == "call_function" and n.target == qsparse.sparse_linear.default
-        and isinstance(n.args[0], torch.fx.Node)))
+        arguments(n)["x"] for n in graph.nodes
+        if is_call(n, qsparse.sparse_linear.default)
+        and isinstance(arguments(n)["x"], torch.fx.Node)))
 
 
-def group_members(gm: torch.fx.GraphModule, weights: WeightTable, x_node: torch.fx.Node,
+def group_members(weights: WeightTable, x_node: torch.fx.Node,
                   accept: Callable[[torch.Tensor], bool]) -> list[Member] | None:
     """The projections reading ``x_node``, if every user of it is one that qualifies.
 
     A projection qualifies when its weight (and bias) are real tensors, the weight used
-    directly or through ``aten.t`` (Conv1D), and ``accept`` (the pass's device and dtype
+    directly or through ``aten.t`` (Conv1D), and ``accept`` (the lowering's device and dtype
     condition) holds for each of them.
     """
     members = []
     for user in x_node.users:
-        if not (user.op == "call_function" and user.target == qsparse.sparse_linear.default
-                and user.args[0] is x_node and not user.kwargs):
+        if not is_call(user, qsparse.sparse_linear.default):
             return None
-        found = _weight_of(gm, weights, user.args[1])
+        args = arguments(user)
+        if args["x"] is not x_node:
+            return None
+        found = _weight_of(weights, args["weight"])
         if found is None:
             return None
-        weight, layout = found
-        bias_node = user.args[2] if len(user.args) > 2 else None
+        weight, layout, weight_node = found
         bias = None
-        if bias_node is not None:
-            bias = real_value(gm, weights, bias_node)
+        if args["bias"] is not None:
+            bias = weights.value(args["bias"]) if weights.is_weight(args["bias"]) else None
             if bias is None or bias.dim() != 1:
                 return None
         if any(t is not None and not accept(t) for t in (weight, bias)):
@@ -131,7 +124,8 @@ def group_members(gm: torch.fx.GraphModule, weights: WeightTable, x_node: torch.
         out_features = weight.shape[0] if layout == "out_in" else weight.shape[1]
         if bias is not None and bias.shape[0] != out_features:
             return None
-        members.append(Member(user, weight, layout, bias, out_features))
+        members.append(Member(user, weight, layout, bias, out_features, weight_node,
+                              args["bias"] if bias is not None else None))
     return members or None
 
 
@@ -160,40 +154,51 @@ def prepared_bias(members: list[Member], dtype: torch.dtype) -> torch.Tensor | N
                       for m in members]).contiguous()
 
 
-def register_constant(gm: torch.fx.GraphModule, tensor: torch.Tensor, like: torch.fx.Node,
-                      prefix: str) -> torch.fx.Node:
-    """Register ``tensor`` as a buffer of ``gm`` and return a ``get_attr`` node reading it.
+def prepared_constants(add_constant: AddConstant, members: list[Member], dtype: torch.dtype,
+                       like: torch.fx.Node, prepare: Callable[[list[Member]], torch.Tensor]
+                       ) -> tuple[torch.fx.Node, torch.fx.Node | None]:
+    """The group's prepared weight ``prepare(members)`` and its bias, added to the graph with
+    the recipe that prepares them again from other weights."""
+    sources = [m.weight_node for m in members]
+    bias_sources = [m.bias_node for m in members if m.bias_node is not None]
 
-    AOTAutograd (Inductor's front end) lifts a Dynamo graph's buffers to graph inputs, so the
-    prepared weight is passed by reference on every call and fake-ified like a parameter while
-    tracing; it requires a Dynamo source for each lifted name (used to deduplicate inputs),
-    which a tensor made here gets as a :class:`ConstantSource` named after the buffer.
-    """
-    return buffer_constants(gm, BUFFER_PREFIX)(tensor, like, prefix)
+    def remade(tensors: list[torch.Tensor], with_bias: bool) -> list[Member]:
+        weights = iter(tensors[:len(sources)])
+        biases = iter(tensors[len(sources):])
+        return [dataclasses.replace(m, weight=next(weights),
+                                    bias=next(biases) if m.bias is not None and with_bias
+                                    else m.bias) for m in members]
+
+    wt_node = add_constant(prepare(members), like, "wt", sources=sources,
+                           recipe=lambda tensors: prepare(remade(tensors, False)))
+    bias = prepared_bias(members, dtype)
+    if bias is None:
+        return wt_node, None
+    b_node = add_constant(
+        bias, like, "b", sources=[*sources, *bias_sources],
+        recipe=lambda tensors: prepared_bias(remade(tensors, True), dtype))
+    return wt_node, b_node
 
 
-_VIEWS = {aten.view.default, aten._unsafe_view.default, torch.Tensor.view}
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 def _make_viewable(graph: torch.fx.Graph, out: torch.fx.Node) -> None:
     """Give ``view`` users of a column slice a contiguous copy where they need one.
 
     A slice of the group's output is a strided view (its rows are ``sum(out_features)``
-    apart); with one row that is contiguous anyway, and a ``view`` that only splits the last
-    dimension (heads) works on it, but one that merges the last dimension with another does
-    not. Such users are found by re-running them on the fake slice.
+    apart); a ``view`` that only splits the rows works on it, one that merges the last
+    dimension with another does not. Such users are found by running them on the fake slice.
     """
     for user in list(out.users):
-        is_view = (user.op == "call_method" and user.target == "view") or (
-            user.op == "call_function" and user.target in _VIEWS)
-        if not is_view:
+        if not is_call(user, *_VIEWS):
             continue
         try:
-            _run_fake(user)
+            run_fake(user)
         except RuntimeError:
             with graph.inserting_before(user):
-                copy = insert_call(graph, aten.clone.default, (out,), out,
-                                   kwargs={"memory_format": torch.contiguous_format})
+                copy = insert_op(graph, aten.clone.default,
+                                 {"self": out, "memory_format": torch.contiguous_format}, out)
             user.replace_input_with(out, copy)
 
 
@@ -211,23 +216,23 @@ def splice_group(graph: torch.fx.Graph, members: list[Member], y: torch.fx.Node,
         if len(members) == 1:
             out = y
         else:
-            out = insert_call(graph, aten.slice.Tensor,
-                              (y, -1, offset, offset + mb.out_features), mb.node)
+            out = insert_op(graph, aten.slice.Tensor,
+                            {"self": y, "dim": -1, "start": offset,
+                             "end": offset + mb.out_features}, mb.node)
         offset += mb.out_features
         mb.node.replace_all_uses_with(out)
         if out is not y:
             _make_viewable(graph, out)
-    weight_args = [mb.node.args[1] for mb in members]  # erasing a node clears its args
+    weight_args = [arguments(mb.node)["weight"] for mb in members]
     for mb in members:
         graph.erase_node(mb.node)
-    # targeted clean-up, not a graph-wide dead-code pass: that would also delete in-place
-    # method calls whose result is unused (a static KV cache's index_copy_)
+    # targeted clean-up (the pass manager's dead-code pass runs after, and keeps side effects)
     for node in [*erase_after, *weight_args]:
         _erase_if_unused(graph, node)
 
 
 def _erase_if_unused(graph: torch.fx.Graph, node: object) -> None:
     """Erase a view, sparsify or transpose node that nothing reads any more."""
-    if isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") \
-            and not node.users and node.graph is graph:
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and not node.users \
+            and node.graph is graph:
         graph.erase_node(node)

@@ -1,195 +1,233 @@
 """Fuse a norm, the sparsify after it, and the int8 quantizer into ``qsparse::norm_sparsify``.
 
-Pattern: ``sparsify(norm(x))`` [``-> int8_fake_quant``] where ``norm`` is
+The fusion is a set of patterns for PyTorch's pattern matcher (``PatternMatcherPass``): each
+pattern is a small function — a norm, then ``topk_sparsify`` or ``block_sparsify``, optionally
+``int8_fake_quant`` — traced with the normaliser the graphs go through
+(:func:`~.normalise.trace_normalised`), so pattern and graph are the same dialect. Norms:
 
-* RMSNorm as Llama-family models trace it: ``w * (h * rsqrt(mean(h^2, -1) + eps)).to(dtype)``
-  with ``h = x.to(float32)`` (the pow/mean/add/rsqrt/mul chain, torch-level or ATen), or
-  ``rms_norm`` ops;
-* LayerNorm: ``layer_norm(x, (D,), w, b, eps)``.
+* RMSNorm as Llama-family models write it: ``w * (h * rsqrt(mean(h^2, -1) + eps)).to(dtype)``
+  with ``h = x.to(float32)`` (the casts vanish when ``x`` is float32), the weight on either
+  side of the product, or no weight;
+* ``rms_norm`` (``F.rms_norm``, float32 only: in lower precision it computes in the input's
+  dtype, which the fused op does not) and ``layer_norm``, with or without weight (and bias).
 
-The norm's output must feed nothing but sparsify nodes (run :mod:`share_inputs` first so q/k/v
-read one sparsify); otherwise it would still have to be materialised and fusing gains nothing.
+Scalars (``k``, ``n``, ``m``, ``eps``, the flags, dims and dtypes) are wildcards in the traced
+patterns; :func:`_accepts` checks the ones that decide whether the fused op computes the same
+thing (a mean over the last dimension with ``keepdim``, a square, float32 arithmetic, a
+normalised shape of ``[D]``), and the replacement reads them from the matched nodes. The
+norm's output must feed nothing but the sparsify (run :mod:`.share_inputs` first so q/k/v read
+one): the pattern matcher refuses a match whose intermediate values have other users.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .graph_utils import insert_call
-from .projections import tensor_meta
+from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
+from .graph_utils import insert_op, tensor_meta
+from .node_args import arguments, is_call
+from .normalise import trace_normalised
 from .share_inputs import SPARSIFY_OPS
-from .weights import WeightTable
+
+__all__ = ["fuse_norm_sparsify"]
 
 aten = torch.ops.aten
 qsparse = torch.ops.qsparse
 
-_CAST_FUNCS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
-_CAST_METHODS = {"to", "float", "type"}
-_MUL = {operator.mul, torch.mul, aten.mul.Tensor, "mul"}
-_ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
-_RSQRT = {torch.rsqrt, aten.rsqrt.default, "rsqrt"}
-_POW = {torch.pow, aten.pow.Tensor_Scalar, "pow"}
-_MEAN = {torch.mean, aten.mean.dim, "mean"}
-_LAYER_NORM = {F.layer_norm, torch.layer_norm, aten.layer_norm.default}
-_RMS_NORM = {torch.rms_norm, aten.rms_norm.default} | (
-    {F.rms_norm} if hasattr(F, "rms_norm") else set())
+_D = 8  # width of the tracing examples
+_SKIP = Callable[[torch.fx.Node], bool]
 
 
-@dataclasses.dataclass
-class NormMatch:
-    """A matched norm: ``norm(x)`` with its parameters."""
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+    """A norm variant: how to write it, which parameters it takes, what the fused op calls it."""
 
+    name: str
     kind: str  # "rms" | "layer"
-    x: torch.fx.Node
-    weight: torch.fx.Node | None
-    bias: torch.fx.Node | None
-    eps: float
+    params: tuple[str, ...]  # of "w", "b"
+    fn: Callable[..., torch.Tensor]
+    dtype: torch.dtype = torch.float32  # the input dtype traced (casts appear below float32)
 
 
-def _is(node: object, targets: set) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") \
-        and node.target in targets
+def _rms_chain(x, w=None, weight_first=True):
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    h = h.to(x.dtype)
+    if w is None:
+        return h
+    return w * h if weight_first else h * w
 
 
-def _is_cast(node: object) -> bool:
-    return isinstance(node, torch.fx.Node) and (
-        (node.op == "call_function" and node.target in _CAST_FUNCS)
-        or (node.op == "call_method" and node.target in _CAST_METHODS))
+def _norms() -> list[_Norm]:
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = "fp32" if dtype == torch.float32 else "lowp"
+        out += [
+            _Norm(f"rms-chain-{tag}-w", "rms", ("w",), lambda x, w: _rms_chain(x, w), dtype),
+            _Norm(f"rms-chain-{tag}-w-last", "rms", ("w",),
+                  lambda x, w: _rms_chain(x, w, weight_first=False), dtype),
+            _Norm(f"rms-chain-{tag}", "rms", (), lambda x: _rms_chain(x), dtype),
+        ]
+    out += [
+        # the op computes in x's dtype: fused (as the RMS chain) only in float32, see _accepts
+        _Norm("rms-op-w", "rms", ("w",), lambda x, w: F.rms_norm(x, (_D,), w, 1e-6)),
+        _Norm("rms-op", "rms", (), lambda x: F.rms_norm(x, (_D,), None, 1e-6)),
+        _Norm("rms-op-w-default-eps", "rms", ("w",), lambda x, w: F.rms_norm(x, (_D,), w)),
+        _Norm("rms-op-default-eps", "rms", (), lambda x: F.rms_norm(x, (_D,))),
+        _Norm("layer-op-wb", "layer", ("w", "b"),
+              lambda x, w, b: F.layer_norm(x, (_D,), w, b, 1e-5)),
+        _Norm("layer-op-w", "layer", ("w",), lambda x, w: F.layer_norm(x, (_D,), w, None, 1e-5)),
+        _Norm("layer-op", "layer", (), lambda x: F.layer_norm(x, (_D,), None, None, 1e-5)),
+    ]
+    return out
 
 
-def _strip_casts(node: object) -> object:
-    while _is_cast(node):
-        node = node.args[0]
-    return node
+def _search_fn(norm: _Norm, block: bool, quant: bool) -> Callable[..., torch.Tensor]:
+    def search(*args):
+        h = norm.fn(*args)
+        s = qsparse.block_sparsify.default(h, 2, 4, False, True) if block else \
+            qsparse.topk_sparsify.default(h, 3, False, True)
+        return qsparse.int8_fake_quant.default(s) if quant else s
+
+    return search
 
 
-def _last_dim_mean(node: torch.fx.Node) -> bool:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
-    meta = tensor_meta(node.args[0])
-    last = {-1, meta.dim() - 1} if meta is not None else {-1}
-    return keepdim is True and len(dims) == 1 and dims[0] in last
+def _accepts(match, norm: _Norm) -> bool:
+    """The scalar facts the traced (wildcard) pattern cannot check."""
+    nodes = match.nodes
+    out = match.output_node()
+    sparsify = arguments(out)["x"] if is_call(out, qsparse.int8_fake_quant.default) else out
+    h = arguments(sparsify)["x"]
+    x = match.kwargs["x"]
+    x_meta, h_meta = tensor_meta(x), tensor_meta(h)
+    if x_meta is None or h_meta is None or x_meta.dim() == 0:
+        return False
+    dim = x_meta.shape[-1]
+    for name in norm.params:  # a norm's parameters are vectors over the features
+        param = tensor_meta(match.kwargs[name])
+        if param is None or tuple(param.shape) != (dim,):
+            return False
+    if norm.name.startswith("rms-chain"):
+        means = [n for n in nodes if is_call(n, aten.mean.dim)]
+        powers = [n for n in nodes if is_call(n, aten.pow.Tensor_Scalar)]
+        casts = [n for n in nodes if is_call(n, aten._to_copy.default)]
+        if len(means) != 1 or len(powers) != 1:
+            return False
+        margs = arguments(means[0])
+        dims = margs["dim"]
+        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+        if margs["keepdim"] is not True or len(dims) != 1 or dims[0] not in (-1, x_meta.dim() - 1):
+            return False
+        if arguments(powers[0])["exponent"] != 2:
+            return False
+        squared = tensor_meta(powers[0])
+        if squared is None or squared.dtype != torch.float32:
+            return False  # the fused op computes the norm in float32, as this chain must
+        if any(arguments(c).get("dtype") not in (torch.float32, x_meta.dtype) for c in casts):
+            return False
+        return _eps(match, norm) is not None
+    norm_node = next(n for n in nodes if is_call(n, aten.rms_norm.default,
+                                                 aten.layer_norm.default))
+    shape = arguments(norm_node)["normalized_shape"]
+    if list(shape) != [dim]:
+        return False
+    if norm.kind == "rms":
+        # rms_norm computes in x's dtype, the fused op (the Llama chain) in float32: the
+        # same function only when everything is float32
+        return x_meta.dtype == torch.float32 and all(
+            tensor_meta(match.kwargs[p]).dtype == torch.float32 for p in norm.params)
+    return True
 
 
-def _split(node: torch.fx.Node, pred) -> tuple[object, object] | None:
-    """For a binary ``node``, the (operand matching ``pred``, other operand), in either order."""
-    if len(node.args) != 2:
-        return None
-    a, b = node.args
-    if pred(a):
-        return a, b
-    if pred(b):
-        return b, a
-    return None
-
-
-def match_rms_chain(out: torch.fx.Node, weights: WeightTable) -> NormMatch | None:
-    """``[w *] cast(h * rsqrt(mean(h^2) + eps))`` with ``h = cast(x)`` computed in float32."""
-    weight = None
-    core = out
-    if _is(out, _MUL):
-        split = _split(out, lambda n: weights.is_weight(n) and tensor_meta(n) is not None
-                       and tensor_meta(n).dim() == 1)
-        if split is not None:
-            weight, core = split
-    core = _strip_casts(core)
-    if not _is(core, _MUL):
-        return None
-    split = _split(core, lambda n: _is(n, _RSQRT))
-    if split is None:
-        return None
-    rsqrt, h = split
-    add = rsqrt.args[0]
-    if not _is(add, _ADD):
-        return None
-    split = _split(add, lambda n: _is(n, _MEAN))
-    if split is None or not isinstance(split[1], (int, float)):
-        return None
-    mean, eps = split
-    if not _last_dim_mean(mean):
-        return None
-    power = mean.args[0]
-    if not (_is(power, _POW) and power.args[1] == 2 and power.args[0] is h):
-        return None
-    x = _strip_casts(h)
-    h_meta, x_meta = tensor_meta(h), tensor_meta(x)
-    if h_meta is None or x_meta is None or h_meta.dtype != torch.float32:
-        return None  # the fused op computes the norm in float32, as this chain does
-    return NormMatch("rms", x, weight, None, float(eps))
-
-
-def match_norm(node: torch.fx.Node, weights: WeightTable) -> NormMatch | None:
-    """Any supported norm producing ``node``."""
-    if not isinstance(node, torch.fx.Node):
-        return None
-    meta = tensor_meta(node)
-    if meta is None or meta.dim() == 0:
-        return None
-    if node.op == "call_function" and node.target in _LAYER_NORM | _RMS_NORM:
-        is_layer = node.target in _LAYER_NORM
-        names = ("input", "normalized_shape", "weight", "bias", "eps") if is_layer else (
-            "input", "normalized_shape", "weight", "eps")
-        args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
-        shape = args.get("normalized_shape")
-        w, b = args.get("weight"), args.get("bias")
-        eps = args.get("eps", 1e-5)
-        if list(shape or []) != [meta.shape[-1]] or eps is None:
+def _eps(match, norm: _Norm) -> float | None:
+    if norm.name.startswith("rms-chain"):
+        adds = [n for n in match.nodes if is_call(n, aten.add.Tensor, aten.add.Scalar)]
+        if len(adds) != 1:
             return None
-        if any(p is not None and not weights.is_weight(p) for p in (w, b)):
-            return None
-        return NormMatch("layer" if is_layer else "rms", args["input"], w, b, float(eps))
-    return match_rms_chain(node, weights)
+        other = arguments(adds[0])["other"]
+        return float(other) if isinstance(other, (int, float)) else None
+    norm_node = next(n for n in match.nodes if is_call(n, aten.rms_norm.default,
+                                                       aten.layer_norm.default))
+    eps = arguments(norm_node)["eps"]
+    if eps is None:  # rms_norm's default: the machine epsilon of the input's dtype
+        x = tensor_meta(match.kwargs["x"])
+        return torch.finfo(x.dtype).eps if norm.kind == "rms" else 1e-5
+    return eps
 
 
-def fuse_norm_sparsify(gm: torch.fx.GraphModule, weights: WeightTable) -> int:
-    """Rewrite ``gm`` in place; return the number of fused ops inserted."""
-    graph = gm.graph
-    fused = 0
-    for node in list(graph.nodes):
-        if not (node.op == "call_function" and node.target in SPARSIFY_OPS):
-            continue
-        norm_out = node.args[0]
-        match = match_norm(norm_out, weights)
-        if match is None:
-            continue
-        if any(not (u.op == "call_function" and u.target in SPARSIFY_OPS)
-               for u in norm_out.users):
-            continue
-        if node.target == qsparse.topk_sparsify.default:
-            _, k, rescale, ste = node.args
-            n = m = 0
-        else:
-            _, n, m, rescale, ste = node.args
-            k = 0
-        users = list(node.users)
-        quant = len(users) == 1 and users[0].op == "call_function" and \
-            users[0].target == qsparse.int8_fake_quant.default
-        replaced = users[0] if quant else node
-        with graph.inserting_before(node):
-            new = insert_call(graph, qsparse.norm_sparsify.default,
-                              (match.x, match.kind, match.weight, match.bias, match.eps,
-                               k, n, m, rescale, quant, ste), node)
-        replaced.replace_all_uses_with(new)
-        if quant:
-            graph.erase_node(replaced)
-        graph.erase_node(node)
-        fused += 1
-    _drop_dead_asserts(graph)
-    graph.eliminate_dead_code()
-    gm.recompile()
-    return fused
+def _replace(match, norm: _Norm, fused: list[int]) -> None:
+    graph = match.graph
+    out = match.output_node()
+    quant = is_call(out, qsparse.int8_fake_quant.default)
+    sparsify = arguments(out)["x"] if quant else out
+    sargs = arguments(sparsify)
+    if sparsify.target is qsparse.topk_sparsify.default:
+        k, n, m = sargs["k"], 0, 0
+    else:
+        k, n, m = 0, sargs["n"], sargs["m"]
+    eps = _eps(match, norm)
+    eps = float(eps) if eps is not None else None
+    with graph.inserting_before(out):
+        new = insert_op(graph, qsparse.norm_sparsify.default, {
+            "x": match.kwargs["x"], "norm": norm.kind,
+            "weight": match.kwargs.get("w"), "bias": match.kwargs.get("b"),
+            "eps": eps, "k": k, "n": n, "m": m, "rescale": sargs["rescale"], "quant": quant,
+            "ste": sargs["ste"]}, sparsify)
+    out.replace_all_uses_with(new)
+    match.erase_nodes()
+    fused[0] += 1
 
 
-def _drop_dead_asserts(graph: torch.fx.Graph) -> None:
-    """Export graphs assert the dtype of norm intermediates; once fused, those are dead."""
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
-            src = node.args[0]
-            if isinstance(src, torch.fx.Node) and len(src.users) == 1:
-                graph.erase_node(node)
+@functools.cache
+def _patterns() -> tuple:
+    """(pattern, norm) for every variant, traced once per process."""
+    from torch._inductor.pattern_matcher import fx_to_pattern
+
+    examples = {"w": torch.rand(_D) + 0.5, "b": torch.randn(_D)}
+    out = []
+    for norm in _norms():
+        args = [torch.randn(2, _D).to(norm.dtype)] + [examples[p].to(norm.dtype)
+                                                      for p in norm.params]
+        for block in (False, True):
+            for quant in (False, True):
+                gm = trace_normalised(_search_fn(norm, block, quant), args)
+                pattern = fx_to_pattern(
+                    gm, argnames=("x", *norm.params),
+                    ignore_types=(int, float, bool, list, tuple, torch.dtype, torch.device,
+                                  torch.layout, torch.memory_format))
+                out.append((pattern, norm))
+    return tuple(out)
+
+
+def fuse_norm_sparsify(gm: torch.fx.GraphModule, skip: _SKIP | None = None) -> int:
+    """Rewrite ``gm`` in place; return the number of fused ops inserted.
+
+    ``skip(sparsify_node)``: leave that sparsify unfused (the CPU decode lowering fuses its
+    selection into the product instead, and wants the norm as it is).
+    """
+    from torch._inductor.pattern_matcher import PatternMatcherPass, register_graph_pattern
+
+    fused = [0]
+    patterns = PatternMatcherPass(pass_name="qsparse_fuse_norm")
+    for pattern, norm in _patterns():
+        def check(match, norm=norm):
+            out = match.output_node()
+            sparsify = arguments(out)["x"] if is_call(out, qsparse.int8_fake_quant.default) \
+                else out
+            if skip is not None and skip(sparsify):
+                return False
+            return _accepts(match, norm)
+
+        def handle(match, *args, norm=norm, **kwargs):
+            _replace(match, norm, fused)
+
+        register_graph_pattern(pattern, extra_check=check, pass_dict=patterns)(handle)
+    if any(is_call(n, *SPARSIFY_OPS) for n in gm.graph.nodes):
+        patterns.apply(gm.graph)
+    return fused[0]

@@ -1,11 +1,14 @@
 """Rewrite every projection's input through the ``qsparse`` ops, as the config says.
 
-``y = x @ W^T + b`` becomes ``y = qsparse.sparse_linear(sparsify(x), W, b)``, where ``sparsify``
-is ``topk_sparsify`` or ``block_sparsify`` (then ``int8_fake_quant`` for int8/bitnet) and ``W``
-is passed ``[out, in]`` (``ternary_fake_quant(W)`` for bitnet). Projections that read the same
-tensor with the same plan share one sparsify node, so q/k/v and gate/up select once.
-The rewrite emits only ATen and ``qsparse`` ops, so the same pass serves Dynamo graphs
-(torch-level IR) and ``torch.export`` graphs (ATen IR).
+Each projection :func:`~.projections.find_projections` finds becomes
+``qsparse.sparse_linear(sparsify(x), W, b)``: the nodes are emitted by calling
+:func:`qsparse_compile.plan.sparsify_input` and :func:`~qsparse_compile.plan.project_sparsified`
+with the ``qsparse`` ops on FX proxies (:data:`qsparse_compile.functional.QSPARSE_OPS`), so the
+graph holds exactly what the functional API computes (``topk_sparsify`` / ``block_sparsify``,
+then ``int8_fake_quant`` for int8/bitnet; ``ternary_fake_quant(W)`` for bitnet). ``W`` is
+passed ``[out, in]`` (``aten.t`` of a ``Conv1D``-style ``[in, out]`` weight). Projections that
+read the same node with the same plan share one sparsify, so q/k/v and gate/up select once
+(unless an in-place write to it runs between them).
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ import torch
 import torch.fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
-from ..config import ProjectionPlan, QSparseConfig, topk_count
-from .graph_utils import insert_call
-from .projections import Projection, find_projections, tensor_meta
+from ..config import ProjectionPlan, QSparseConfig
+from ..functional import QSPARSE_OPS
+from ..plan import project_sparsified, resolve_plan, sparsify_input
+from .graph_utils import emit, tensor_meta
+from .node_args import mutation_between
+from .projections import Projection, find_projections, unsupported_projections
 from .weights import WeightTable
 
-qsparse = torch.ops.qsparse
+__all__ = ["RewrittenProjection", "sparsify_graph"]
+
 aten = torch.ops.aten
 
 
@@ -35,83 +42,93 @@ class RewrittenProjection:
     k: int | None
     note: str = ""
 
-
-def plan_projection(proj: Projection, config: QSparseConfig) -> tuple[ProjectionPlan, int | None,
-                                                                       str]:
-    """Resolve the plan for one projection; block patterns that do not fit stay dense."""
-    plan = config.plan_for(proj.path)
-    if not plan.sparse:
-        return plan, None, ""
-    if plan.method == "block":
-        n, m = plan.block
-        if proj.in_features % m:
-            msg = (f"projection {proj.path!r}: input width {proj.in_features} is not a multiple "
-                   f"of m={m}, so block {n}:{m} cannot apply")
-            if config.strict:
-                raise ValueError(msg + " (strict=True)")
-            warnings.warn(msg + "; left dense", stacklevel=3)
-            return plan.without_sparsity(), None, "width not a multiple of m"
-        return plan, n * (proj.in_features // m), ""
-    if plan.method == "relu":
-        return plan, None, "sparsity depends on the data"
-    return plan, topk_count(proj.in_features, plan.sparsity), ""
+    @property
+    def path(self) -> str:
+        return self.projection.path
 
 
-def _insert(graph: torch.fx.Graph, target, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
-    return insert_call(graph, target, args, like)
+def _weight_out_in(w, proj: Projection):
+    """The weight as the product's ``[out, in]`` operand, in the dtype the product used."""
+    if proj.weight_layout == "in_out":
+        w = aten.t.default(w)
+    for dtype in proj.casts:
+        w = aten._to_copy.default(w, dtype=dtype)
+    return w
+
+
+def _replace(gm: torch.fx.GraphModule, proj: Projection, plan: ProjectionPlan,
+             config: QSparseConfig, shared: dict[tuple, torch.fx.Node],
+             replaced: dict[torch.fx.Node, torch.fx.Node]) -> None:
+    graph = gm.graph
+    node = proj.node
+    bias_meta = tensor_meta(proj.bias)
+    vector_bias = proj.bias is not None and bias_meta is not None and \
+        tuple(bias_meta.shape) == (proj.out_features,)
+    with graph.inserting_before(node):
+        x = replaced.get(proj.x, proj.x)  # the output of a projection rewritten before
+        if proj.weight_left and not proj.vector:  # W @ x: x's second-to-last dim
+            x = emit(graph, node, lambda t: aten.transpose.int(t, -1, -2), x)
+        key = (x, plan.method, plan.sparsity, plan.block, plan.quant)
+        xs = shared.get(key)
+        if xs is not None and mutation_between(xs, node):
+            xs = None  # the input was written in place since: select again
+        if xs is None:
+            xs = emit(graph, node, lambda t: sparsify_input(t, plan, config, QSPARSE_OPS,
+                                                            proj.in_features), x)
+            shared[key] = xs
+
+        def product(xs_, w, b):
+            y = project_sparsified(xs_, _weight_out_in(w, proj), b if vector_bias else None,
+                                   plan, QSPARSE_OPS)
+            if b is not None and not vector_bias:  # a broadcast bias: added after
+                y = aten.add.Tensor(y, b)
+            if proj.weight_left and not proj.vector:
+                y = aten.transpose.int(y, -1, -2)
+            return y
+
+        y = emit(graph, node, product, xs, proj.weight, replaced.get(proj.bias, proj.bias))
+    node.replace_all_uses_with(y)
+    replaced[node] = y
+    graph.erase_node(node)
+
+
+def _resolve(proj: Projection, config: QSparseConfig):
+    """The plan of ``proj``; for a tied weight whose product cannot be told apart, one that is
+    safe for every module it may be: left dense if any of them is (an excluded head)."""
+    resolved = resolve_plan(proj.path, proj.in_features, config)
+    if len(proj.aliases) < 2:
+        return resolved
+    plans = {p: resolve_plan(p, proj.in_features, config, warn=False) for p in proj.aliases}
+    if len({r.plan for r in plans.values()}) == 1:
+        return resolved
+    dense = [p for p, r in plans.items() if r.plan.dense]
+    chosen = dense[0] if dense else proj.path
+    warnings.warn(f"projection reading the weight shared by {', '.join(map(repr, plans))}: "
+                  f"the graph does not say which module calls it, and their plans differ; "
+                  f"planned as {chosen!r}", stacklevel=3)
+    proj.path = chosen
+    return plans[chosen]
 
 
 def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
                    config: QSparseConfig) -> list[RewrittenProjection]:
-    """Rewrite ``gm`` in place; return one record per projection found (dense ones too)."""
-    graph = gm.graph
+    """Rewrite ``gm`` in place; return one record per projection found (dense ones too).
+
+    Projections are found once, before any is rewritten, so a projection that reads another
+    one's output (two in a row) is found with that output as its input; replacing the first
+    routes its users, the second's product included, to the new node.
+    """
     records: list[RewrittenProjection] = []
     shared: dict[tuple, torch.fx.Node] = {}
-    # Outputs replaced so far: a projection that reads another projection's output directly
-    # (two in a row) was found before that node was replaced, so its input is looked up here.
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    for proj in unsupported_projections(gm, weights):
+        if not config.plan_for(proj.path).dense:
+            warnings.warn(f"projection {proj.path!r}: {proj.unsupported}", stacklevel=3)
+        records.append(RewrittenProjection(proj, ProjectionPlan(None, None, None), None,
+                                           proj.unsupported))
     for proj in find_projections(gm, weights):
-        plan, k, note = plan_projection(proj, config)
-        records.append(RewrittenProjection(proj, plan, k, note))
-        if plan.dense:
-            continue
-        node = proj.node
-        proj.x = replaced.get(proj.x, proj.x)
-        with graph.inserting_before(node):
-            key = (proj.x, plan.method, k, plan.block, plan.quant)
-            xs = shared.get(key)
-            if xs is None:
-                rescale = config.rescale == "l2"
-                if plan.method == "block":
-                    n, m = plan.block
-                    xs = _insert(graph, qsparse.block_sparsify.default,
-                                 (proj.x, n, m, rescale, config.ste), node)
-                elif plan.method == "relu":
-                    xs = _insert(graph, aten.relu.default, (proj.x,), node)
-                elif plan.method == "topk":
-                    xs = _insert(graph, qsparse.topk_sparsify.default,
-                                 (proj.x, k, rescale, config.ste), node)
-                else:
-                    xs = proj.x  # not sparsified, only quantized
-                if plan.quant in ("int8", "bitnet"):
-                    xs = _insert(graph, qsparse.int8_fake_quant.default, (xs,), node)
-                shared[key] = xs
-            weight = proj.weight
-            if proj.weight_layout == "in_out":
-                weight = _insert(graph, aten.t.default, (weight,), node)
-            if plan.quant == "bitnet":
-                weight = _insert(graph, qsparse.ternary_fake_quant.default, (weight,), node)
-            bias, extra_bias = proj.bias, None
-            bias_meta = tensor_meta(bias)
-            if bias is not None and (bias_meta is None or tuple(bias_meta.shape) != (
-                    proj.out_features,)):
-                bias, extra_bias = None, proj.bias  # broadcast bias: add it after the product
-            y = _insert(graph, qsparse.sparse_linear.default, (xs, weight, bias), node)
-            if extra_bias is not None:
-                y = _insert(graph, aten.add.Tensor, (y, extra_bias), node)
-        node.replace_all_uses_with(y)
-        replaced[node] = y
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
-    gm.recompile()
+        resolved = _resolve(proj, config)
+        records.append(RewrittenProjection(proj, resolved.plan, resolved.k, resolved.note))
+        if not resolved.plan.dense:
+            _replace(gm, proj, resolved.plan, config, shared, replaced)
     return records

@@ -1,74 +1,61 @@
 """Share one sparsify node among projections that read the same tensor.
 
 Top-K and N:M act on each row independently, so ``sparsify(view(x)) == view(sparsify(x))``
-whenever the view keeps the last dimension. Graphs often reach one tensor through different
-views (decomposed ``linear`` reshapes its input per projection; GPT-2 flattens before
-``addmm``). We build the graph of row-preserving view edges with networkx; every connected
-component has one root tensor; sparsify nodes with the same root and the same arguments become
-one sparsify of the root, followed by each projection's own view. This makes q/k/v (and gate/up)
-select once, and puts the sparsify right after the norm that produced the root, where the
-fusion pass can find it.
+whenever the view keeps the features as the last dimension and only rearranges rows
+(:func:`~.dims.feature_view`). Graphs often reach one tensor through different views (a
+decomposed ``linear`` reshapes its input per projection; GPT-2 flattens before ``addmm``; an
+``einsum`` permutes). Sparsify nodes whose inputs are feature views of one root tensor, with
+the same arguments, become one sparsify of the root, followed by each projection's own view.
+This makes q/k/v (and gate/up) select once, and puts the sparsify right after the norm that
+produced the root, where the fusion pass finds it. Casts are not views here: top-K of a
+rounded tensor is not the rounded top-K.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-import networkx as nx
 import torch
 import torch.fx
 
-from .graph_utils import insert_call
-from .projections import tensor_meta
+from .dims import VIEW_OPS, feature_view
+from .graph_utils import insert_call, insert_like, insert_op
+from .node_args import arguments, freeze, is_call, is_mutation, mutation_between
+
+__all__ = ["SPARSIFY_OPS", "graph_mutates", "root_view", "share_sparsify_inputs"]
 
 aten = torch.ops.aten
 qsparse = torch.ops.qsparse
 
 SPARSIFY_OPS = (qsparse.topk_sparsify.default, qsparse.block_sparsify.default)
-_VIEW_FUNCS = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
-    aten.alias.default, aten.contiguous.default, torch.reshape,
-}
-_VIEW_METHODS = {"view", "reshape", "contiguous", "clone"}
-
-
-def _row_preserving(node: torch.fx.Node) -> bool:
-    """A view/copy whose output rows are the input's rows (same last dimension)."""
-    is_view = (node.op == "call_function" and node.target in _VIEW_FUNCS) or (
-        node.op == "call_method" and node.target in _VIEW_METHODS)
-    if not is_view or not node.args or not isinstance(node.args[0], torch.fx.Node):
-        return False
-    src, out = tensor_meta(node.args[0]), tensor_meta(node)
-    return (src is not None and out is not None and src.dim() > 0 and out.dim() > 0
-            and src.shape[-1] == out.shape[-1])
-
-
-def view_forest(graph: torch.fx.Graph) -> nx.DiGraph:
-    """Directed graph of row-preserving view edges (input -> view) over the FX graph."""
-    forest = nx.DiGraph()
-    for node in graph.nodes:
-        if _row_preserving(node):
-            forest.add_edge(node.args[0], node)
-    return forest
-
-
-def _root_and_chain(forest: nx.DiGraph, node: torch.fx.Node):
-    """The component root of ``node`` and the view nodes from the root down to ``node``."""
-    if node not in forest:
-        return node, []
-    roots = [a for a in nx.ancestors(forest, node) if forest.in_degree(a) == 0]
-    root = roots[0] if roots else node
-    path = nx.shortest_path(forest, root, node)
-    return root, path[1:]
 
 
 def _quant_user(node: torch.fx.Node) -> torch.fx.Node | None:
     """The int8 quantizer applied to a sparsify's output, when it is its only user."""
     users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_function" and \
-            users[0].target == qsparse.int8_fake_quant.default:
+    if len(users) == 1 and is_call(users[0], qsparse.int8_fake_quant.default):
         return users[0]
     return None
+
+
+def graph_mutates(graph: torch.fx.Graph) -> bool:
+    """Whether any op of ``graph`` writes to a tensor in place."""
+    return any(is_mutation(n) for n in graph.nodes)
+
+
+def root_view(x: torch.fx.Node, copies: bool = True
+              ) -> tuple[torch.fx.Node, tuple[torch.fx.Node, ...]]:
+    """(root, views from it to ``x``): the furthest node back along view-like ops of which
+    ``x`` is a feature view (``x`` itself, with no views, when there is none). ``copies=False``
+    stops at copies (for graphs with in-place writes: see :func:`~.dims.trace_dims`)."""
+    best: tuple[torch.fx.Node, tuple[torch.fx.Node, ...]] = (x, ())
+    node: object = x
+    while is_call(node, *VIEW_OPS):
+        node = arguments(node)["self"]
+        traced = feature_view(x, lambda n, candidate=node: n is candidate, copies=copies)
+        if traced is not None:
+            best = (traced.source, traced.chain)
+    return best
 
 
 def share_sparsify_inputs(gm: torch.fx.GraphModule) -> int:
@@ -78,36 +65,60 @@ def share_sparsify_inputs(gm: torch.fx.GraphModule) -> int:
     too), so the fusion pass later finds the quantizer right after the sparsify.
     """
     graph = gm.graph
-    forest = view_forest(graph)
+    copies = not graph_mutates(graph)
+    nodes = [n for n in graph.nodes if is_call(n, *SPARSIFY_OPS)]
     groups: dict[tuple, list] = defaultdict(list)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in SPARSIFY_OPS:
-            root, chain = _root_and_chain(forest, node.args[0])
-            quant = _quant_user(node)
-            key = (root, node.target, tuple(node.args[1:]), quant is not None)
-            groups[key].append((node, quant, chain))
+    for node in nodes:
+        args = arguments(node)
+        x = args.pop("x")
+        root, chain = root_view(x, copies)
+        quant = _quant_user(node)
+        key = (root, node.target, freeze(args), quant is not None)
+        groups[key].append((node, quant, chain))
     removed = 0
-    for (root, target, rest, quantized), members in groups.items():
-        if len(members) == 1 and not members[0][2]:
-            continue
-        first = members[0][0]
-        with graph.inserting_before(first):
-            shared = insert_call(graph, target, (root, *rest), first)
-            if quantized:
-                shared = insert_call(graph, qsparse.int8_fake_quant.default, (shared,),
-                                     members[0][1])
-        for node, quant, chain in members:
-            end = quant if quantized else node
-            out = shared
-            with graph.inserting_before(end):
-                for view in chain:
-                    out = insert_call(graph, view.target, (out, *view.args[1:]), view,
-                                      kwargs=dict(view.kwargs), op=view.op)
-            end.replace_all_uses_with(out)
-            if quantized:
-                graph.erase_node(quant)
-            graph.erase_node(node)
-        removed += len(members) - 1
-    graph.eliminate_dead_code()
-    gm.recompile()
+    for (root, target, rest, quantized), group in groups.items():
+        for members in _between_mutations(group):
+            removed += _share(graph, root, target, rest, quantized, members)
     return removed
+
+
+def _between_mutations(group: list) -> list[list]:
+    """``group`` (in graph order) cut wherever an in-place write runs between two members:
+    a sparsify computed before it must not serve a projection after it."""
+    runs = [[group[0]]]
+    for member in group[1:]:
+        if mutation_between(runs[-1][-1][0], member[0]):
+            runs.append([member])
+        else:
+            runs[-1].append(member)
+    return runs
+
+
+def _share(graph: torch.fx.Graph, root: torch.fx.Node, target, rest, quantized: bool,
+           members: list) -> int:
+    """Replace ``members`` (sparsify nodes of feature views of ``root``) by one sparsify of
+    ``root``; return how many nodes that removed."""
+    if len(members) == 1 and not members[0][2]:
+        return 0
+    first = members[0][0]
+    with graph.inserting_before(first):
+        shared = insert_op(graph, target, {"x": root, **dict(rest)}, first)
+        if quantized:
+            shared = insert_call(graph, qsparse.int8_fake_quant.default, (shared,),
+                                 members[0][1])
+    views: dict[tuple, torch.fx.Node] = {}  # one copy of each distinct view of `shared`
+    for node, quant, chain in members:
+        end = quant if quantized else node
+        out = shared
+        with graph.inserting_before(end):
+            for view in chain:
+                key = (out, view.target, freeze({k: v for k, v in arguments(view).items()
+                                                 if k != "self"}))
+                if key not in views:
+                    views[key] = insert_like(graph, view, self=out)
+                out = views[key]
+        end.replace_all_uses_with(out)
+        if quantized:
+            graph.erase_node(quant)
+        graph.erase_node(node)
+    return len(members) - 1

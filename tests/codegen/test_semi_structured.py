@@ -13,7 +13,7 @@ import torch
 
 from qsparse_compile import reference
 from qsparse_compile.codegen import semi_structured as ss
-from qsparse_compile.ops.block_linear import cuda_block_sparse_linear
+from qsparse_compile.codegen.semi_structured import cuda_block_sparse_linear
 
 
 @pytest.mark.parametrize("n,m,fits", [

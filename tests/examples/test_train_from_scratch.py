@@ -9,8 +9,8 @@ import torch
 import train_from_scratch as recipe
 
 from qsparse_compile.config import topk_count
-from qsparse_compile.models import TinyLlama
 from qsparse_compile.reference import reference_model
+from qsparse_compile.research.models import TinyLlama
 
 HIDDEN, INTERMEDIATE = recipe.TINY["hidden"], recipe.TINY["intermediate"]
 

@@ -15,7 +15,6 @@ import torch  # noqa: E402
 from hf_models import HF_MODELS, LAYERS, token_ids  # noqa: E402
 from op_counts import CountingBackend  # noqa: E402
 
-from qsparse_compile.backend import last_results  # noqa: E402
 from qsparse_compile.reference import reference_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -40,7 +39,7 @@ def test_llama_prefill_2_4():
     after = backend.after[0]
     assert after["block_sparse_linear"] == HF_MODELS["llama"].per_layer * LAYERS
     assert after["sparse_linear"] == after["sparse_gemv"] == 0
-    result = last_results()[0]
+    result = backend.results[0]
     assert (result.triton, result.decode, result.block_linear) == ("cpu", 0, 7 * LAYERS)
     assert result.lowered == 4 * LAYERS  # 2 norm_sparsify + 2 block_sparsify per layer
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
@@ -79,7 +78,7 @@ def test_patterns_and_training(options, retargeted):
     expected.sum().backward()
     assert backend.after[0]["block_sparse_linear"] == retargeted
     assert backend.after[0]["sparse_linear"] == 2 - retargeted
-    assert last_results()[0].lowered == 0
+    assert backend.results[0].lowered == 0
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
     for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import HF_MODELS, LAYERS, token_ids
-from op_counts import CountingBackend
+from op_counts import CountingBackend, dense_projections
 
-from qsparse_compile.backend import last_results, split_options
-from qsparse_compile.config import QSparseConfig
-from qsparse_compile.passes import WeightTable, cpu_decode, run_passes
+from qsparse_compile.options import CompileOptions
+from qsparse_compile.passes import cpu_decode
 from qsparse_compile.reference import reference_model
 
 GROUPS_PER_LAYER = {"llama": 4, "qwen2": 4, "gpt2": 4}  # gpt2: c_attn, c_proj, c_fc, c_proj
@@ -75,10 +74,11 @@ def test_groups_collapse_and_outputs_match_reference(name, options, decide):
     assert after["cpu_topk_linear"] == groups
     assert after["sparse_linear"] == after["topk_sparsify"] == after["block_sparsify"] == 0
     assert after["norm_sparsify"] == 0  # the norms before taken groups stay ordinary ops
-    assert after["slice"] == SLICES_PER_LAYER[name] * LAYERS
-    assert after["linear"] == before["linear"] - HF_MODELS[name].per_layer * LAYERS * (
-        name != "gpt2")  # the head stays a dense linear
-    assert last_results()[0].decode == groups
+    assert after["slice"] - before["slice"] == SLICES_PER_LAYER[name] * LAYERS
+    # every projection but the head left the dense products
+    assert dense_projections(before) - dense_projections(after) == \
+        HF_MODELS[name].per_layer * LAYERS
+    assert backend.results[0].decode == groups
     assert len(asked) == groups
     torch.testing.assert_close(out, _reference(model, options, ids), atol=2e-5, rtol=2e-5)
 
@@ -91,7 +91,8 @@ def test_grad_enabled_changes_nothing(decide):
     after = backend.after[0]
     assert after["cpu_topk_linear"] == 0
     assert after["sparse_linear"] == HF_MODELS["llama"].per_layer * LAYERS
-    assert last_results()[0].decode == 0
+    assert backend.results[0].decode == 0
+    assert not backend.results[0].inference
 
 
 def test_decode_option_off_changes_nothing(decide):
@@ -99,9 +100,9 @@ def test_decode_option_off_changes_nothing(decide):
     model = HF_MODELS["llama"].build()
     _, backend = _run(model, {"sparsity": 0.5, "decode": False}, token_ids(batch=1, seq=1))
     assert backend.after[0]["cpu_topk_linear"] == 0
-    assert split_options({"sparsity": 0.5})[3] is True  # on by default
+    assert CompileOptions.parse({"sparsity": 0.5}).decode is True  # on by default
     with pytest.raises(TypeError, match="option 'decode': must be True or False, got 'yes'"):
-        split_options({"sparsity": 0.5, "decode": "yes"})
+        CompileOptions.parse({"sparsity": 0.5, "decode": "yes"})
 
 
 @pytest.mark.parametrize("rows,batch,taken", [(0, 1, False), (1, 2, False), (4, 3, True)])
@@ -133,41 +134,33 @@ def test_quantized_groups_are_left_alone(decide):
     assert backend.after[0]["cpu_topk_linear"] == 0
 
 
+def _prepared(backend: CountingBackend) -> list:
+    """The prepared weights of the graph's ``cpu_topk_linear`` calls, in graph order."""
+    result = backend.results[0]
+    nodes = [n for n in result.graph.graph.nodes
+             if n.target == torch.ops.qsparse.cpu_topk_linear.default]
+    return [result.constants[n.kwargs.get("weight_t", n.args[5]).name] for n in nodes]
+
+
 def test_prepared_weights(decide):
     """Concatenated K-major weights for groups; a single [in, out] weight is used in place."""
     decide(8)
     model = HF_MODELS["gpt2"].build()
-    seen = {}
-
-    def backend(gm, example_inputs):
-        weights = WeightTable.from_dynamo(gm, example_inputs)
-        with torch.no_grad():
-            run_passes(gm, weights, QSparseConfig(sparsity=0.5), fuse=False)
-        seen["gm"] = gm
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend, fullgraph=True)(token_ids(1, 1), use_cache=False)
-    gm = seen["gm"]
-    nodes = [n for n in gm.graph.nodes if n.target == torch.ops.qsparse.cpu_topk_linear.default]
+    _, backend = _run(model, {"sparsity": 0.5, "fuse": False}, token_ids(1, 1))
     c_attn = model.transformer.h[0].attn.c_attn.weight  # Conv1D: [in, out], K-major already
-    first = getattr(gm, nodes[0].args[5].target)
-    assert first.data_ptr() == c_attn.data_ptr()
+    assert _prepared(backend)[0].data_ptr() == c_attn.data_ptr()
 
     llama = HF_MODELS["llama"].build()
-    with torch.no_grad():
-        torch.compile(llama, backend=backend, fullgraph=True)(token_ids(1, 1), use_cache=False)
-    gm = seen["gm"]
-    nodes = [n for n in gm.graph.nodes if n.target == torch.ops.qsparse.cpu_topk_linear.default]
+    _, backend = _run(llama, {"sparsity": 0.5, "fuse": False}, token_ids(1, 1))
     attn = llama.model.layers[0].self_attn
-    qkv = getattr(gm, nodes[0].args[5].target)
+    qkv = _prepared(backend)[0]
     assert qkv.is_contiguous()
     assert torch.equal(qkv, torch.cat([attn.q_proj.weight.t(), attn.k_proj.weight.t(),
                                        attn.v_proj.weight.t()], dim=1))
 
 
 def test_inductor_end_to_end(decide):
-    """Inductor lifts the prepared weights like parameters and calls the op per group."""
+    """Inductor takes the prepared weights as inputs and calls the op per group."""
     decide(1)
     model = HF_MODELS["llama"].build()
     ids = token_ids(batch=1, seq=1)
@@ -200,3 +193,37 @@ def test_in_place_cache_writes_survive(decide):
     assert backend.after[0]["cpu_topk_linear"] == 4 * LAYERS
     assert backend.after[0]["index_copy_"] == backend.before[0]["index_copy_"] > 0
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm = torch.nn.LayerNorm(64)
+        self.proj = torch.nn.Linear(64, 48)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+def _expected(block, x, sparsity=0.5):
+    with torch.no_grad(), reference_model(block, sparsity=sparsity):
+        return block(x)
+
+
+def test_prepared_weights_follow_the_weights_the_graph_runs_with(decide):
+    """Dynamo reuses one graph for every instance of a class, and weights change in place:
+    the prepared copies are made again from the weights of each call where those differ."""
+    decide(8)
+    first, second, x = _Block(0), _Block(1), torch.randn(1, 64)
+    backend = CountingBackend({"sparsity": 0.5})
+    with torch.no_grad():
+        out_first = torch.compile(first, backend=backend)(x)
+        out_second = torch.compile(second, backend=backend)(x)
+        assert backend.calls == 1  # one graph serves both instances
+        assert backend.after[0]["cpu_topk_linear"] == 1
+        torch.testing.assert_close(out_first, _expected(first, x))
+        torch.testing.assert_close(out_second, _expected(second, x))
+        first.proj.weight.mul_(2)  # an in-place update (an optimizer step, load_state_dict)
+        torch.testing.assert_close(torch.compile(first, backend=backend)(x),
+                                   _expected(first, x))

@@ -18,11 +18,10 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton path n
 
 import torch  # noqa: E402
 from hf_models import HF_MODELS, LAYERS, token_ids  # noqa: E402
-from op_counts import CountingBackend  # noqa: E402
+from op_counts import CountingBackend, dense_projections  # noqa: E402
 
-from qsparse_compile.backend import kernels_option, last_results  # noqa: E402
+from qsparse_compile.options import CompileOptions  # noqa: E402
 from qsparse_compile.passes import cpu_decode, cuda_decode  # noqa: E402
-from qsparse_compile.passes.decode_groups import BUFFER_PREFIX  # noqa: E402
 from qsparse_compile.reference import reference_model  # noqa: E402
 
 GROUPS = 4 * LAYERS
@@ -45,16 +44,11 @@ def by_namespace(gm: torch.fx.GraphModule) -> collections.Counter:
 
 
 class GraphKeeper(CountingBackend):
-    """A counting backend that also keeps the rewritten graph modules."""
+    """A counting backend whose rewritten graphs are at hand."""
 
-    def __init__(self, options):
-        super().__init__(options)
-        self.graphs: list[torch.fx.GraphModule] = []
-
-    def __call__(self, gm, example_inputs):
-        compiled = super().__call__(gm, example_inputs)
-        self.graphs.append(gm)
-        return compiled
+    @property
+    def graphs(self) -> list[torch.fx.GraphModule]:
+        return [r.graph for r in self.results]
 
 
 def _run(model, options, ids, grad=False, calls=1):
@@ -88,14 +82,15 @@ def test_groups_become_triton_gemv_and_match_reference(name, options):
     ops = by_namespace(backend.graphs[0])
     assert ops["qsparse_triton::sparse_gemv"] == GROUPS
     assert after["sparse_linear"] == after["cpu_topk_linear"] == 0
-    assert after["slice"] == SLICES[name]
-    assert after["linear"] == before["linear"] - HF_MODELS[name].per_layer * LAYERS * (
-        name != "gpt2")  # the head stays a dense linear (gpt2's projections are addmm/Conv1D)
+    assert after["slice"] - before["slice"] == SLICES[name]
+    # every projection but the head left the dense products
+    assert dense_projections(before) - dense_projections(after) == \
+        HF_MODELS[name].per_layer * LAYERS
     # the sparsify ops run the Triton kernels: fused with the norm before q/k/v and gate/up
     assert ops["qsparse_triton::norm_sparsify"] == 2 * LAYERS
     assert ops["qsparse_triton::topk_sparsify"] == 2 * LAYERS  # o and down
     assert not any(op.startswith("qsparse::") and op.endswith("sparsify") for op in ops)
-    result = last_results()[0]
+    result = backend.results[0]
     assert (result.triton, result.decode, result.lowered) == ("cpu", GROUPS, 4 * LAYERS)
     tolerance = 1e-4 if options.get("quant") else 2e-5
     torch.testing.assert_close(out, _reference(model, options, ids), atol=tolerance,
@@ -103,8 +98,9 @@ def test_groups_become_triton_gemv_and_match_reference(name, options):
 
 
 def test_weights_prepared_once(monkeypatch):
-    """K-major group weights are built at compile time, once per group, and registered as
-    buffers; calling the compiled model again neither rebuilds them nor recompiles."""
+    """K-major group weights are built at compile time, once per group, and bound to the
+    graph as constants; calling the compiled model again neither rebuilds them nor
+    recompiles."""
     prepared = []
     real = cuda_decode.k_major_weight
 
@@ -119,28 +115,25 @@ def test_weights_prepared_once(monkeypatch):
     assert backend.calls == 1
     assert prepared == [3, 1, 2, 1] * LAYERS  # q/k/v, o, gate/up, down
     gm = backend.graphs[0]
-    buffers = {name: buf for name, buf in gm.named_buffers() if name.startswith(BUFFER_PREFIX)}
-    assert len(buffers) == GROUPS  # Llama has no biases
+    constants = backend.results[0].constants
+    assert len(constants) == GROUPS  # Llama has no biases
     attn = model.model.layers[0].self_attn
     gemv = next(n for n in gm.graph.nodes
                 if n.target == torch.ops.qsparse_triton.sparse_gemv.default)
-    qkv = getattr(gm, gemv.args[1].target)
+    qkv = constants[gemv.args[1].name]
     assert qkv.is_contiguous()
     assert torch.equal(qkv, torch.cat([attn.q_proj.weight.t(), attn.k_proj.weight.t(),
                                        attn.v_proj.weight.t()], dim=1))
-    pointers = {name: buf.data_ptr() for name, buf in buffers.items()}
+    pointers = {name: t.data_ptr() for name, t in constants.items()}
     with torch.no_grad():
         third = torch.compile(model, backend=backend, fullgraph=True)(ids, use_cache=False)
     assert prepared == [3, 1, 2, 1] * LAYERS and backend.calls == 1
-    assert pointers == {name: buf.data_ptr() for name, buf in gm.named_buffers()
-                        if name.startswith(BUFFER_PREFIX)}
+    assert pointers == {name: t.data_ptr() for name, t in backend.results[0].constants.items()}
     assert torch.equal(first, second) and torch.equal(first, third.logits)
 
 
 def test_auto_on_cpu_does_not_pick_triton(monkeypatch):
     """The default ``kernels="auto"`` keeps CPU graphs on the CPU path (CPU decode op)."""
-    from qsparse_compile.codegen.triton import dispatch
-
     monkeypatch.setattr(cpu_decode, "_max_sparse_rows", lambda *args: 8)
     model = HF_MODELS["llama"].build()
     ids = token_ids(batch=1, seq=1)
@@ -148,9 +141,7 @@ def test_auto_on_cpu_does_not_pick_triton(monkeypatch):
     ops = by_namespace(backend.graphs[0])
     assert not any(op.startswith("qsparse_triton::") for op in ops)
     assert ops["qsparse::cpu_topk_linear"] == GROUPS
-    assert last_results()[0].triton is None
-    if not torch.cuda.is_available():
-        assert not dispatch.registered()
+    assert backend.results[0].triton is None
     torch.testing.assert_close(out, _reference(model, {"sparsity": 0.5}, ids), atol=2e-5,
                                rtol=2e-5)
 
@@ -164,18 +155,19 @@ def test_grad_enabled_keeps_differentiable_ops():
     ops = by_namespace(backend.graphs[0])
     assert ops["qsparse::sparse_linear"] == HF_MODELS["llama"].per_layer * LAYERS
     assert not any(op.startswith("qsparse_triton::") for op in ops)
-    result = last_results()[0]
+    result = backend.results[0]
     assert (result.triton, result.decode, result.lowered) == ("cpu", 0, 0)
     torch.testing.assert_close(out.detach(), _reference(model, {"sparsity": 0.5}, ids),
                                atol=2e-5, rtol=2e-5)
 
 
 def test_kernels_option_is_validated():
-    assert kernels_option({"sparsity": 0.5}) == "auto"
-    assert kernels_option({"kernels": "triton"}) == "triton"
+    assert CompileOptions.parse({"sparsity": 0.5}).kernels == "auto"
+    assert CompileOptions.parse({"kernels": "triton"}).kernels == "triton"
+    assert CompileOptions.parse({"kernels": "aten"}).kernels == "aten"
     with pytest.raises(ValueError, match=r"option 'kernels': got 'cuda', allowed: 'auto', "
-                                         r"'triton'"):
-        kernels_option({"kernels": "cuda"})
+                                         r"'triton', 'aten'"):
+        CompileOptions.parse({"kernels": "cuda"})
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     compiled = torch.compile(model, backend="qsparse",
                              options={"sparsity": 0.5, "kernels": None, "inner": "eager"})
@@ -185,19 +177,20 @@ def test_kernels_option_is_validated():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_on_cuda_selects_triton():
-    """GPU only: ``kernels="auto"`` on CUDA weights registers the CUDA implementations (the
-    graph keeps the ordinary qsparse sparsify ops, fused with the norms) and takes every
-    decode group with the Triton GEMV."""
-    from qsparse_compile.codegen.triton import dispatch
-
+    """GPU only: ``kernels="auto"`` on CUDA weights retargets the graph's sparsify ops (fused
+    with the norms) to the Triton kernels and takes every decode group with the Triton GEMV;
+    ``kernels="aten"`` keeps the ATen ops."""
     model = HF_MODELS["llama"].build().cuda()
     ids = token_ids(batch=1, seq=1).cuda()
     (out,), backend = _run(model, {"sparsity": 0.5}, ids)
     ops = by_namespace(backend.graphs[0])
     assert ops["qsparse_triton::sparse_gemv"] == GROUPS
-    assert ops["qsparse::norm_sparsify"] == 2 * LAYERS
-    assert ops["qsparse::topk_sparsify"] == 2 * LAYERS
-    assert dispatch.registered()
-    assert (last_results()[0].triton, last_results()[0].lowered) == ("cuda", 0)
+    assert ops["qsparse_triton::norm_sparsify"] == 2 * LAYERS
+    assert ops["qsparse_triton::topk_sparsify"] == 2 * LAYERS
+    assert (backend.results[0].triton, backend.results[0].lowered) == ("cuda", 4 * LAYERS)
     torch.testing.assert_close(out, _reference(model, {"sparsity": 0.5}, ids), atol=1e-4,
                                rtol=1e-4)
+    torch._dynamo.reset()
+    (aten,), backend = _run(model, {"sparsity": 0.5, "kernels": "aten"}, ids)
+    assert not any(op.startswith("qsparse_triton::") for op in by_namespace(backend.graphs[0]))
+    torch.testing.assert_close(aten, out, atol=1e-4, rtol=1e-4)

@@ -7,16 +7,15 @@ gate/up share one, o, down); fusion must replace the two that follow a norm with
 
 from __future__ import annotations
 
-import collections
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from op_counts import CountingBackend, op_counts
 
 from qsparse_compile import reference
 from qsparse_compile.config import QSparseConfig
-from qsparse_compile.passes import WeightTable, run_passes
 
 qsparse = torch.ops.qsparse
 LAYERS = 2
@@ -40,32 +39,14 @@ def _gpt2():
 MODELS = {"llama": (_llama, "rsqrt"), "gpt2": (_gpt2, "layer_norm")}
 
 
-def _count(gm: torch.fx.GraphModule) -> collections.Counter:
-    names = collections.Counter()
-    for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            target = node.target if isinstance(node.target, str) else getattr(
-                node.target, "__name__", str(node.target))
-            names[str(target).split(".")[-1] if "qsparse" not in str(node.target)
-                  else str(node.target).replace("qsparse.", "").replace(".default", "")] += 1
-    return names
-
-
 def _compile_counting(model, ids, config: QSparseConfig, fuse: bool):
-    """Compile with the pipeline; return (logits, counts before, counts after)."""
-    seen = {}
-
-    def backend(gm, example_inputs):
-        seen["before"] = _count(gm)
-        run_passes(gm, WeightTable.from_dynamo(gm, example_inputs), config, fuse=fuse)
-        seen["after"] = _count(gm)
-        return gm.forward
-
+    """Compile with the backend (eager inner); return (logits, counts before, counts after)."""
+    backend = CountingBackend({**config.to_dict(), "fuse": fuse})
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = torch.compile(model, backend=backend, fullgraph=True)(ids, use_cache=False).logits
-    return out, seen["before"], seen["after"]
+    return out, backend.before[0], backend.after[0]
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -139,7 +120,7 @@ def _export_counts(module, x, fuse=True):
 
     ep = torch.export.export(module, (x,))
     ep2 = qc.sparsify_exported(ep, sparsity=0.5, fuse=fuse)
-    return _count(ep2.graph_module), ep2
+    return op_counts(ep2.graph_module), ep2
 
 
 def test_norm_with_other_users_is_not_fused():
@@ -163,8 +144,9 @@ def test_rms_norm_op_is_fused_in_exported_program():
 
 
 def test_decomposed_export_shares_and_fuses():
-    """After ``run_decompositions`` each projection reshapes its input separately; sharing
-    looks through those views (networkx components), so fusion still applies."""
+    """After ``run_decompositions`` each projection reshapes its input separately; the
+    normalised program merges repeated views and sharing looks through the rest, so fusion
+    still applies."""
     import qsparse_compile as qc
 
     torch.manual_seed(0)
@@ -182,11 +164,53 @@ def test_decomposed_export_shares_and_fuses():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(Logits(model), (ids,), strict=False).run_decompositions()
-    plain = _count(qc.sparsify_exported(ep, sparsity=0.4, fuse=False).graph_module)
+    plain = op_counts(qc.sparsify_exported(ep, sparsity=0.4, fuse=False).graph_module)
     ep2 = qc.sparsify_exported(ep, sparsity=0.4)
-    fused = _count(ep2.graph_module)
-    assert plain["topk_sparsify"] == 7 * LAYERS  # one per projection: the views hide sharing
+    fused = op_counts(ep2.graph_module)
+    # without sharing: one per distinct input node (normalisation merges repeated views)
+    assert plain["topk_sparsify"] == 4 * LAYERS
     assert fused["norm_sparsify"] == 2 * LAYERS and fused["topk_sparsify"] == 2 * LAYERS
     with reference.reference_model(model, sparsity=0.4):
         expected = model(ids, use_cache=False).logits
     torch.testing.assert_close(ep2.module()(ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def _fused(fn, *args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qsparse_compile.passes.fuse_norm import fuse_norm_sparsify
+    from qsparse_compile.passes.normalise import trace_normalised
+
+    mode = FakeTensorMode()
+    with mode:
+        gm = trace_normalised(fn, [mode.from_tensor(a) for a in args])
+    count = fuse_norm_sparsify(gm)
+    gm.recompile()
+    return count, gm(*args), fn(*args)
+
+
+def test_rms_norm_op_fuses_only_where_it_computes_what_the_fused_op_does():
+    """``F.rms_norm`` computes in the input's dtype; the fused op (Llama's chain) in float32:
+    the same function in float32 only. Its default eps is the dtype's machine epsilon."""
+    def sparse_rms(x, w, eps=1e-6):
+        return qsparse.topk_sparsify.default(F.rms_norm(x, (x.shape[-1],), w, eps), 64,
+                                             False, True)
+
+    x, w = torch.randn(8, 256) * 3, torch.randn(256)
+    count, got, expected = _fused(lambda x, w: sparse_rms(x, w), x, w)
+    assert count == 1 and torch.equal(got != 0, expected != 0)
+    count, got, expected = _fused(lambda x, w: sparse_rms(x, w, None), x, w)
+    assert count == 1 and torch.equal(got != 0, expected != 0)
+    count, got, expected = _fused(lambda x, w: sparse_rms(x, w), x.bfloat16(), w.bfloat16())
+    assert count == 0 and torch.equal(got, expected)
+
+
+def test_the_norm_weight_must_be_a_vector_over_the_features():
+    """A gate the shape of the activation multiplying the chain is not a norm weight."""
+    def gated(x, gate):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return qsparse.topk_sparsify.default(gate * h, 4, False, True)
+
+    x = torch.randn(3, 16)
+    count, got, expected = _fused(gated, x, torch.sigmoid(torch.randn(3, 16)))
+    assert count == 0 and torch.equal(got, expected)

@@ -1,8 +1,8 @@
 """``triton_device``: which graphs the Triton path is selected for, decided from fake values.
 
 Graphs are built by hand with fake weights on CUDA (fake tensors need no GPU), so the automatic
-selection for CUDA graphs is checked on a CPU-only machine; the registration of the CUDA
-implementations is replaced by a recorder there.
+selection for CUDA graphs is checked on a CPU-only machine. Selecting never registers anything
+for the process: the graph's own nodes are retargeted (tested in ``test_cuda_decode.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import qsparse_compile  # noqa: F401  (registers torch.ops.qsparse)
+from qsparse_compile.options import CompileOptions
 from qsparse_compile.passes import kernel_select
 
 
@@ -29,31 +30,28 @@ def _graph(device: str) -> torch.fx.GraphModule:
 
 
 @pytest.fixture
-def registrations(monkeypatch):
-    """Record register_cuda_kernels calls instead of registering (no CUDA here)."""
+def triton():
     pytest.importorskip("triton", reason="triton is not installed")
-    from qsparse_compile.codegen.triton import dispatch
-
-    calls = []
-    monkeypatch.setattr(dispatch, "register_cuda_kernels", lambda: calls.append(1))
-    return calls
 
 
-def test_auto_selects_cuda_graphs_only(monkeypatch, registrations):
+def test_auto_selects_cuda_graphs_only(monkeypatch, triton):
     assert kernel_select.projection_devices(_graph("cuda")) == {"cuda"}
     assert kernel_select.triton_device(_graph("cpu"), "auto") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert kernel_select.triton_device(_graph("cuda"), "auto") is None  # no device to run on
-    assert registrations == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert kernel_select.triton_device(_graph("cuda"), "auto") == "cuda"
-    assert registrations == [1]
 
 
-def test_forced_triton(monkeypatch, registrations):
+def test_aten_opts_out(monkeypatch, triton):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernel_select.triton_device(_graph("cuda"), "aten") is None
+    assert kernel_select.triton_device(_graph("cpu"), "aten") is None
+
+
+def test_forced_triton(monkeypatch, triton):
     assert kernel_select.triton_device(_graph("cpu"), "triton") == "cpu"  # interpreter
     assert kernel_select.triton_device(_graph("cuda"), "triton") == "cuda"
-    assert registrations == [1]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernel_select.triton_device(_graph("cpu"), "triton")
@@ -65,5 +63,5 @@ def test_forced_triton(monkeypatch, registrations):
 
 def test_bad_choice_names_value_and_allowed():
     with pytest.raises(ValueError, match=r"option 'kernels': got 'gpu', allowed: 'auto', "
-                                         r"'triton'"):
-        kernel_select.triton_device(_graph("cpu"), "gpu")
+                                         r"'triton', 'aten'"):
+        CompileOptions.parse({"kernels": "gpu"})

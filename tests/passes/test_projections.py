@@ -1,9 +1,9 @@
-"""``find_projections`` on small graphs from every tracer the compiler meets.
+"""``find_projections`` on normalised graphs from both entry points of the compiler.
 
 Each spelling of ``x @ W^T (+ b)`` must be found with the right weight layout, sizes, bias and
-module path, whether the graph comes from ``symbolic_trace``, Dynamo, ``torch.export`` or
-``torch.export`` after ``run_decompositions`` (ATen ``mm`` / ``addmm`` / ``bmm``); products of
-two activations never are.
+module path, whether the graph comes from Dynamo, ``torch.export`` or ``torch.export`` after
+``run_decompositions``, once normalised (every projection is then an ATen ``mm`` / ``addmm`` /
+``bmm``); products of two activations never are.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ class Spellings(nn.Module):
         self.w_tr = nn.Parameter(torch.randn(5, 16))        # matmul(x, W.transpose(0, 1))
         self.w_in_out = nn.Parameter(torch.randn(16, 4))    # x @ W, weight stored [in, out]
         self.conv = _conv1d(10, 16)                         # GPT-2: addmm(b, x2d, W[in, out])
+        self.w_perm = nn.Parameter(torch.randn(3, 16))      # x @ W.permute(1, 0)
+        self.w_ein = nn.Parameter(torch.randn(7, 16))       # einsum("...d,od->...o")
+        self.w_ein_first = nn.Parameter(torch.randn(9, 16))  # einsum("od,...d->...o")
+        self.w_ein_io = nn.Parameter(torch.randn(16, 2))    # einsum("...d,do->...o"): [in, out]
+        self.w_left = nn.Parameter(torch.randn(13, 16))     # (W @ x^T)^T
 
     def forward(self, x):
         return torch.cat([
@@ -48,6 +53,11 @@ class Spellings(nn.Module):
             torch.matmul(x, self.w_tr.transpose(0, 1)),
             x @ self.w_in_out,
             self.conv(x),
+            x @ self.w_perm.permute(1, 0),
+            torch.einsum("...d,od->...o", x, self.w_ein),
+            torch.einsum("od,...d->...o", self.w_ein_first, x),
+            torch.einsum("...d,do->...o", x, self.w_ein_io),
+            (self.w_left @ x.transpose(-1, -2)).transpose(-1, -2),
         ], dim=-1)
 
 
@@ -60,6 +70,11 @@ EXPECTED = [
     ("w_tr", "out_in", 16, 5, False),
     ("w_in_out", "in_out", 16, 4, False),
     ("conv", "in_out", 16, 10, True),
+    ("w_perm", "out_in", 16, 3, False),
+    ("w_ein", "out_in", 16, 7, False),
+    ("w_ein_first", "out_in", 16, 9, False),
+    ("w_ein_io", "in_out", 16, 2, False),
+    ("w_left", "out_in", 16, 13, False),
 ]
 
 
@@ -73,12 +88,12 @@ def _summary(projections):
 def test_every_spelling_is_found(tracer, shape):
     torch.manual_seed(0)
     module = Spellings()
-    gm, weights = TRACERS[tracer](module, torch.randn(*shape))
-    found = find_projections(gm, weights)
+    traced = TRACERS[tracer](module, torch.randn(*shape))
+    found = find_projections(traced.gm, traced.weights)
     assert _summary(found) == EXPECTED
     # the found x feeds the product (not the weight), and weights are constants
     for p in found:
-        assert weights.is_weight(p.weight) and not weights.is_weight(p.x)
+        assert traced.weights.is_weight(p.weight) and not traced.weights.is_weight(p.x)
         assert p.node in p.x.users
 
 
@@ -102,11 +117,11 @@ class NotProjections(nn.Module):
 @pytest.mark.parametrize("tracer", list(TRACERS))
 def test_activation_products_are_not_projections(tracer):
     torch.manual_seed(0)
-    gm, weights = TRACERS[tracer](NotProjections(), torch.randn(2, 3, 16))
-    counts = op_counts(gm)
-    products = sum(counts[name] for name in ("matmul", "bmm", "mm", "__matmul__"))
+    traced = TRACERS[tracer](NotProjections(), torch.randn(2, 3, 16))
+    counts = op_counts(traced.gm)
+    products = sum(counts[name] for name in ("bmm", "mm", "addmm"))
     assert products >= 4  # the products are in the graph, so finding none is meaningful
-    assert find_projections(gm, weights) == []
+    assert find_projections(traced.gm, traced.weights) == []
 
 
 class Attention(nn.Module):
@@ -128,12 +143,12 @@ class Attention(nn.Module):
 @pytest.mark.parametrize("tracer", list(TRACERS))
 def test_attention_block_finds_exactly_its_four_projections(tracer):
     torch.manual_seed(0)
-    gm, weights = TRACERS[tracer](Attention(), torch.randn(3, 4, 16))
-    found = find_projections(gm, weights)
+    traced = TRACERS[tracer](Attention(), torch.randn(3, 4, 16))
+    found = find_projections(traced.gm, traced.weights)
     assert [(p.path, p.role) for p in found] == [
         ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o")]
-    # q, k and v read one tensor (the graph input, or one view of it after decomposition)
-    assert len({p.x for p in found[:3]}) == 1 or tracer == "export-aten"
+    # q, k and v read one tensor: normalisation merges the views each linear makes of it
+    assert len({p.x for p in found[:3]}) == 1
 
 
 class NonContiguousInput(nn.Module):
@@ -150,6 +165,59 @@ class NonContiguousInput(nn.Module):
 
 def test_bmm_against_a_broadcast_weight_is_a_projection():
     torch.manual_seed(0)
-    gm, weights = trace_export_decomposed(NonContiguousInput(), torch.randn(5, 3, 16))
-    assert op_counts(gm)["bmm"] == 1
-    assert _summary(find_projections(gm, weights)) == [("proj", "out_in", 16, 8, False)]
+    traced = trace_export_decomposed(NonContiguousInput(), torch.randn(5, 3, 16))
+    assert op_counts(traced.gm)["bmm"] == 1
+    assert _summary(find_projections(traced.gm, traced.weights)) == [
+        ("proj", "out_in", 16, 8, False)]
+
+
+class OneToken(nn.Module):
+    """A projection of one vector (no rows): ``W @ x`` and ``F.linear`` on a 1-D input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 16))
+        self.lin = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return torch.cat([self.w @ x, self.lin(x)])
+
+
+def test_products_of_one_vector_are_projections_and_match_the_reference():
+    from qsparse_compile import reference
+    from qsparse_compile.config import QSparseConfig
+    from qsparse_compile.passes import sparsify_graph
+
+    torch.manual_seed(0)
+    module, x = OneToken(), torch.randn(16)
+    traced = TRACERS["dynamo"](module, x)
+    found = find_projections(traced.gm, traced.weights)
+    assert [(p.path, p.in_features, p.out_features) for p in found] == [("w", 16, 6),
+                                                                         ("lin", 16, 5)]
+    config = QSparseConfig(sparsity=0.5)
+    sparsify_graph(traced.gm, traced.weights, config)
+    with torch.no_grad(), reference.reference_model(module, config):
+        plan = config.plan_for("w")
+        expected = torch.cat([reference.projection(x, module.w, None, plan, config),
+                              module.lin(x)])
+        torch.testing.assert_close(traced.run(), expected)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return torch.addmm(x, x, self.w.t(), alpha=2.0)
+
+
+def test_a_product_the_rewrite_does_not_take_is_reported_and_warned_about():
+    from qsparse_compile.config import QSparseConfig
+    from qsparse_compile.passes import sparsify_graph
+
+    traced = TRACERS["dynamo"](Scaled(), torch.randn(3, 8))
+    with pytest.warns(UserWarning, match="'w': left dense: aten::addmm with alpha=2.0"):
+        records = sparsify_graph(traced.gm, traced.weights, QSparseConfig(sparsity=0.5))
+    assert [(r.path, r.plan.dense) for r in records] == [("w", True)]
+    assert "not rewritten" in records[0].note

@@ -13,13 +13,13 @@ import warnings
 import pytest
 import torch
 from hf_models import HF_MODELS, LAYERS, Logits, token_ids
-from op_counts import CountingBackend
+from op_counts import CountingBackend, dense_projections
 from rotated_reference import rotated_reference
 from torch._dynamo.exc import BackendCompilerFailed
 
 import qsparse_compile as qc
-from qsparse_compile.backend import calibration_option, last_results
 from qsparse_compile.config import topk_count
+from qsparse_compile.options import CompileOptions
 from qsparse_compile.passes import cpu_decode
 from qsparse_compile.reference import reference_model
 
@@ -63,7 +63,7 @@ def test_sparsity_zero_leaves_the_graph_untouched(llama):
     ids = token_ids()
     out, backend = _run(model, {"sparsity": 0.0, "calibration": cal}, ids)
     assert backend.after[0] == backend.before_live[0]
-    assert last_results()[0].rotations == []
+    assert backend.results[0].rotations == []
     assert torch.equal(out, _dense(model, ids))
 
 
@@ -77,12 +77,12 @@ def test_rotation_with_every_input_kept_equals_the_dense_model(llama):
     out, backend = _run(model, {"sparsity": sparsity, "calibration": cal}, ids)
     torch.testing.assert_close(out, _dense(model, ids), rtol=1e-5, atol=1e-5)
     before, after = backend.before_live[0], backend.after[0]
-    assert before["linear"] == 7 * LAYERS + 1
-    assert after["linear"] == 1  # the head: excluded, not rotated
+    # every projection but the head (excluded, not rotated) left the dense products
+    assert dense_projections(before) - dense_projections(after) == 7 * LAYERS
     assert after["matmul"] - before.get("matmul", 0) == GROUPS_PER_LAYER * LAYERS
     assert after["sparse_linear"] == 7 * LAYERS
     assert after["norm_sparsify"] == 0  # rotated inputs are not a norm's output
-    rotations = last_results()[0].rotations
+    rotations = backend.results[0].rotations
     assert [r.paths for r in rotations] == [g.paths for g in cal.groups]
 
 
@@ -105,10 +105,11 @@ def test_excluded_and_dense_projections_stay_as_they_were(llama):
     options = {"sparsity": 0.5, "overrides": {"model.layers.0.*": None, "*.down_proj": 0.0}}
     ids = token_ids()
     out, backend = _run(model, {**options, "calibration": cal}, ids)
-    rotated = [r.paths for r in last_results()[0].rotations]
+    rotated = [r.paths for r in backend.results[0].rotations]
     assert rotated == [g.paths for g in cal.groups
                        if g.paths[0].startswith("model.layers.1.") and "down" not in g.paths[0]]
-    assert backend.after[0]["linear"] == 1 + 7 + 1  # the head, layer 0, layer 1's down
+    # the head, layer 0 and layer 1's down stay dense: 6 of 15 projections rewritten
+    assert dense_projections(backend.before[0]) - dense_projections(backend.after[0]) == 6
     torch.testing.assert_close(out, _rotated_reference(model, cal, options, ids),
                                rtol=1e-5, atol=1e-5)
 
@@ -126,7 +127,7 @@ def test_relu_method_is_not_rotated(llama):
     model, cal = llama
     ids = token_ids()
     _, backend = _run(model, {"method": "relu", "calibration": cal}, ids)
-    assert last_results()[0].rotations == []
+    assert backend.results[0].rotations == []
     assert backend.after[0]["matmul"] == backend.before_live[0].get("matmul", 0)
 
 
@@ -148,8 +149,8 @@ def test_training_through_folded_weights_warns(llama):
 
 def test_report_counts_the_rotation_cost(llama):
     model, cal = llama
-    _run(model, {"sparsity": 0.5, "calibration": cal}, token_ids())
-    result = last_results()[0]
+    _, backend = _run(model, {"sparsity": 0.5, "calibration": cal}, token_ids())
+    result = backend.results[0]
     compiled = qc.report(model, sparsity=0.5, calibration=cal)
     from qsparse_compile.report import rows_from_records
 
@@ -166,12 +167,16 @@ def test_report_counts_the_rotation_cost(llama):
 
 def test_calibration_option_errors(llama, tmp_path):
     model, cal = llama
-    assert calibration_option({"sparsity": 0.5}) is None
-    assert calibration_option({"calibration": cal}) is cal
+    from qsparse_compile.rotations import as_rotations
+
+    assert CompileOptions.parse({"sparsity": 0.5}).calibration is None
+    assert CompileOptions.parse({"calibration": cal}).calibration is cal
+    assert [g.paths for g in as_rotations(cal, "calibration").groups] == [
+        g.paths for g in cal.groups]
     with pytest.raises(TypeError, match="option 'calibration'.*got int"):
-        calibration_option({"sparsity": 0.5, "calibration": 3})
+        CompileOptions.parse({"sparsity": 0.5, "calibration": 3})
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
-        calibration_option({"calibration": str(tmp_path / "nowhere.safetensors")})
+        as_rotations(str(tmp_path / "nowhere.safetensors"), "option 'calibration'")
     other = qc.calibrate(HF_MODELS["gpt2"].build(), [token_ids()], sample_rows=2)
     with pytest.raises(BackendCompilerFailed,
                        match="'model.layers.0.self_attn.q_proj'.*no rotation"):

@@ -9,7 +9,7 @@ parallel region wakes the pool's other thread, and on a shared machine whose oth
 every region waits for that thread to be scheduled (a scheduler slice, milliseconds, in the
 worst case), a stall a single thread never has.
 
-:func:`kernel_threads` times the fused ``cpu_topk_linear`` kernel, single-threaded and with
+:func:`kernel_threads` has the fused ``cpu_topk_linear`` kernel timed, single-threaded and with
 ``torch.get_num_threads()`` threads, on a weight twice the size of the last-level cache (so it
 streams from DRAM, as at decode), fastest of a few interleaved repeats each, and returns the
 thread count to use: all of them if they are at least ``MIN_GAIN`` times faster, else one. The
@@ -19,18 +19,17 @@ CPU, thread count and torch version), so the measurement (~0.1 s) runs once per 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import tempfile
-import time
+from collections.abc import Callable
 
 import torch
 
 from .compiler import cache_dir, host_fingerprint
 
-__all__ = ["MIN_GAIN", "kernel_threads", "measure_split_gain"]
+__all__ = ["MIN_GAIN", "kernel_threads"]
 
 #: Speed-up that several threads must show over one for the kernel to use them: below it, the
 #: risk of waiting for a descheduled thread on a shared machine outweighs the gain.
@@ -39,49 +38,30 @@ MIN_GAIN = 1.25
 _THREADS_ENV = "QSPARSE_CPU_THREADS"
 
 
-def _llc_bytes() -> int:
-    from .cost_model import _last_level_cache_bytes  # lazy: cost_model imports the op
-
-    return _last_level_cache_bytes()
-
-
-def measure_split_gain(threads: int, repeats: int = 5) -> float:
-    """Time of the fused kernel on one thread over its time on ``threads`` threads (> 1: the
-    split is faster), streaming a weight twice the size of the last-level cache."""
-    from .topk_linear_op import topk_linear
-
-    K = 2048
-    N = max(1024, 2 * _llc_bytes() // (4 * K))  # fp32, 2x the LLC
-    weight_t = torch.full((K, N), 0.01)
-    generator = torch.Generator().manual_seed(0)
-    best = {1: float("inf"), threads: float("inf")}
-    with torch.no_grad():
-        topk_linear(torch.randn(1, K), K // 2, 0, 0, False, weight_t, None, num_threads=1)
-        for i in range(repeats):
-            order = (1, threads) if i % 2 == 0 else (threads, 1)
-            for team in order:
-                x = torch.randn(1, K, generator=generator)
-                start = time.perf_counter()
-                topk_linear(x, K // 2, 0, 0, False, weight_t, None, num_threads=team)
-                best[team] = min(best[team], time.perf_counter() - start)
-    return best[1] / best[threads]
-
-
 def _disk_path(threads: int):
     digest = hashlib.sha256("\0".join([host_fingerprint(), torch.__version__]).encode())
     return cache_dir() / "cost_model" / f"threads_th{threads}_{digest.hexdigest()[:12]}.json"
 
 
-@functools.cache
-def _threads_for(threads: int) -> int:
+_DECIDED: dict[int, int] = {}
+
+
+def _threads_for(threads: int, measure_gain: Callable[[int], float]) -> int:
     if threads <= 1:
         return 1
+    if threads in _DECIDED:
+        return _DECIDED[threads]
+    _DECIDED[threads] = chosen = _decide(threads, measure_gain)
+    return chosen
+
+
+def _decide(threads: int, measure_gain: Callable[[int], float]) -> int:
     path = _disk_path(threads)
     try:
         return int(json.loads(path.read_text())["kernel_threads"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    gain = measure_split_gain(threads)
+    gain = measure_gain(threads)
     chosen = threads if gain >= MIN_GAIN else 1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,14 +74,16 @@ def _threads_for(threads: int) -> int:
     return chosen
 
 
-def kernel_threads() -> int:
+def kernel_threads(measure_gain: Callable[[int], float]) -> int:
     """Threads the fused kernel should use at the current ``torch.get_num_threads()``.
 
-    ``$QSPARSE_CPU_THREADS`` (a positive integer) overrides the measurement.
+    ``measure_gain(threads)`` times the kernel (one thread's time over ``threads`` threads'),
+    called once per machine and thread count; the kernel module passes its own timing, so this
+    policy imports no kernel. ``$QSPARSE_CPU_THREADS`` (a positive integer) overrides it.
     """
     forced = os.environ.get(_THREADS_ENV)
     if forced:
         if not forced.isdigit() or int(forced) < 1:
             raise ValueError(f"${_THREADS_ENV} must be a positive integer, got {forced!r}")
         return int(forced)
-    return _threads_for(torch.get_num_threads())
+    return _threads_for(torch.get_num_threads(), measure_gain)

@@ -24,7 +24,7 @@ grad mode on raises. It is defined with a plain ``torch.library.Library`` rather
 
 Numerics: selection is exact (same mask as ``qsparse.topk_sparsify``); products accumulate in
 fp32 in another order than a dense matmul; bf16 rows are rounded to bf16 after the rescale, as
-the reference rounds the sparsified activation. As with ``cpu_sparse_gemv``, a feature no row
+the reference rounds the sparsified activation. A feature no row
 kept is never read, so inf/NaN in its weight row cannot reach ``y`` (a dense product would give
 ``0 * inf = NaN``).
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -40,6 +41,7 @@ import torch
 from ... import reference
 from ..gemv_operands import check_gemv_operands
 from .compiler import load_entry_point
+from .machine import last_level_cache_bytes
 from .thread_policy import kernel_threads
 from .topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES, TopkLinearSpec, render
 
@@ -47,6 +49,7 @@ __all__ = [
     "MAX_ROWS",
     "cpu_topk_linear",
     "default_spec",
+    "measure_split_gain",
     "prepare_group_weight",
     "topk_linear",
     "topk_linear_reference",
@@ -105,11 +108,31 @@ _VALIDATED: set[tuple] = set()
 _THREADS = [0, 1]
 
 
+def measure_split_gain(threads: int, repeats: int = 5) -> float:
+    """Time of the fused kernel on one thread over its time on ``threads`` threads (> 1: the
+    split is faster), streaming a weight twice the size of the last-level cache."""
+    K = 2048
+    N = max(1024, 2 * last_level_cache_bytes() // (4 * K))  # fp32, 2x the LLC
+    weight_t = torch.full((K, N), 0.01)
+    generator = torch.Generator().manual_seed(0)
+    best = {1: float("inf"), threads: float("inf")}
+    with torch.no_grad():
+        topk_linear(torch.randn(1, K), K // 2, 0, 0, False, weight_t, None, num_threads=1)
+        for i in range(repeats):
+            order = (1, threads) if i % 2 == 0 else (threads, 1)
+            for team in order:
+                x = torch.randn(1, K, generator=generator)
+                start = time.perf_counter()
+                topk_linear(x, K // 2, 0, 0, False, weight_t, None, num_threads=team)
+                best[team] = min(best[team], time.perf_counter() - start)
+    return best[1] / best[threads]
+
+
 def _kernel_threads() -> int:
     """Threads for the kernel: measured once per torch thread count (:mod:`.thread_policy`)."""
     torch_threads = torch.get_num_threads()
     if torch_threads != _THREADS[0]:
-        _THREADS[:] = [torch_threads, kernel_threads()]
+        _THREADS[:] = [torch_threads, kernel_threads(measure_split_gain)]
     return _THREADS[1]
 
 

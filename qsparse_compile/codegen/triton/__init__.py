@@ -11,7 +11,6 @@ before Triton is imported), which is how the tests check them.
 * :mod:`.gemv_template` / :mod:`.gemv`: decode GEMV for 1-8 tokens over a K-major weight,
   skipping the weight rows of zeroed activations;
 * :mod:`.ops`: the ``torch.library`` registrations; :mod:`.launch`: ``wrap_triton`` launches;
-* :mod:`.dispatch`: makes the kernels the CUDA implementation of ``qsparse::`` mask/sparsify ops;
 * :mod:`.cache`: the on-disk cache of rendered sources;
 * :mod:`.compile_check`: compiles the kernels for a CUDA target on a machine without a GPU.
 """

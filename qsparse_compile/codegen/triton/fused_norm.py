@@ -26,10 +26,29 @@ from ...ops.checks import check_block, check_k
 from .row_kernel import run_rows
 from .template_common import dtype_info
 
-__all__ = ["NORMS", "norm_sparsify", "norm_sparsify_reference"]
+__all__ = ["NORMS", "fused_norm_applies", "norm_sparsify", "norm_sparsify_reference"]
 
 NORMS = ("rms", "layer")
 _OP = "norm_sparsify"
+
+#: Element types the row kernels take (``template_common.DTYPES``; kept here so deciding
+#: whether the kernel applies does not import Triton).
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fused_norm_applies(x: torch.Tensor, norm: str, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None) -> bool:
+    """Whether the fused kernel computes ``qsparse::norm_sparsify`` for these inputs (tensors
+    or their fake values): supported dtypes, ``[D]`` parameters, no RMSNorm bias, and a
+    LayerNorm's parameters in ``x``'s dtype."""
+    if x.dtype not in _KERNEL_DTYPES or x.dim() < 1 or norm not in NORMS:
+        return False
+    if any(t is not None and (t.dtype not in _KERNEL_DTYPES or tuple(t.shape) != (x.shape[-1],))
+           for t in (weight, bias)):
+        return False
+    if norm == "rms":
+        return bias is None
+    return all(t is None or t.dtype == x.dtype for t in (weight, bias))
 
 
 def _check(x: torch.Tensor, norm: str, weight: torch.Tensor | None,

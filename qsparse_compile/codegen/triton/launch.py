@@ -4,7 +4,7 @@ Inside a ``torch.library.triton_op`` every kernel launch must go through
 ``torch.library.wrap_triton``: that is what lets Inductor trace the op into the kernel call (and
 fuse around it) instead of treating it as an opaque function. The op bodies in :mod:`.ops` run
 inside :func:`traceable`, which makes :func:`launch` do that; everywhere else (the Python entry
-points called directly, the CUDA implementations :mod:`.dispatch` registers) a kernel is launched
+points called directly) a kernel is launched
 as is, without the higher-order-op dispatch ``wrap_triton`` adds to an eager call. PyTorch
 versions without ``wrap_triton`` (< 2.6) always launch directly; the ops are then plain custom
 ops.

@@ -5,7 +5,8 @@ it (2.6+), so Inductor traces into the kernel launches and ``torch.export`` reco
 older PyTorch, and the CPU interpreter (see :data:`.launch.USE_TRITON_OP`), get plain
 ``custom_op``s with the same schemas. Every op has a fake (meta)
 implementation for tracing. No autograd is registered here: these are inference kernels; the
-differentiable ops are ``torch.ops.qsparse.*``, whose CUDA forward :mod:`.dispatch` routes here.
+differentiable ops are ``torch.ops.qsparse.*``; a graph on the Triton path has its nodes
+retargeted to these after autograd (``qsparse_compile.passes.triton_lowering``).
 
 ==============================================================  ==============================
 op                                                              kernel

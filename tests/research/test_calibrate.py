@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qsparse_compile as qc
-from qsparse_compile.calibrate import DEFAULT_GRID, error_curves, principal_rotation
 from qsparse_compile.config import topk_count
 from qsparse_compile.reference import topk_sparsify
+from qsparse_compile.research.calibrate import DEFAULT_GRID, error_curves, principal_rotation
 
 
 def _batches(seeds=range(4), seq=16):

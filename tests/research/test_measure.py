@@ -4,9 +4,13 @@ import pytest
 import torch
 
 from qsparse_compile.config import QSparseConfig, topk_count
-from qsparse_compile.measure import ProjectionSparsity, SparsityMeasurement, measure_sparsity
-from qsparse_compile.models import TinyLlama, TinyLlamaConfig
 from qsparse_compile.reference import reference_model
+from qsparse_compile.research.measure import (
+    ProjectionSparsity,
+    SparsityMeasurement,
+    measure_sparsity,
+)
+from qsparse_compile.research.models import TinyLlama, TinyLlamaConfig
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 

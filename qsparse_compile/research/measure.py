@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 
-from .config import ProjectionPlan, QSparseConfig
-from .passes.module_path import role_of
-from .reference import sparsify_input, ternary_fake_quant
+from ..config import ProjectionPlan, QSparseConfig
+from ..modules import ProjectionModule, projection_modules
+from ..plan import resolve_plan
+from ..reference import sparsify_input, ternary_fake_quant
+from ..roles import role_of
 
 __all__ = ["ProjectionSparsity", "SparsityMeasurement", "measure_sparsity"]
 
@@ -120,8 +122,9 @@ def measure_sparsity(model: torch.nn.Module, batches: Iterable[Any],
     """Run ``model`` (eager) on ``batches`` under ``config`` and count input zeros.
 
     Args:
-        model: the eager module; its ``nn.Linear`` layers are the projections (module paths as
-            ``named_modules`` gives them, matched against the config's globs).
+        model: the eager module; its ``nn.Linear`` and ``Conv1D`` layers are the projections
+            (module paths as ``named_modules`` gives them, matched against the config's
+            globs).
         batches: model inputs: a tensor (``model(batch)``), a tuple (``model(*batch)``) or a
             mapping (``model(**batch)``) each.
         config: a :class:`QSparseConfig` or the options dict given to ``torch.compile``
@@ -137,31 +140,28 @@ def measure_sparsity(model: torch.nn.Module, batches: Iterable[Any],
     records: list[ProjectionSparsity] = []
     handles = []
 
-    def hook(record: ProjectionSparsity, plan: ProjectionPlan):
-        def run(module: torch.nn.Linear, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(record: ProjectionSparsity, plan: ProjectionPlan, proj: ProjectionModule):
+        def run(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             x = sparsify_input(inputs[0], plan, config)
             record.zeros += int((x == 0).sum())
             record.elements += x.numel()
-            weight = module.weight
+            weight = proj.weight_out_in()
             if plan.quant == "bitnet":
                 weight = ternary_fake_quant(weight)
-            return torch.nn.functional.linear(x, weight, module.bias)
+            return torch.nn.functional.linear(x, weight, proj.bias)
         return run
 
-    for path, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        plan = config.plan_for(path)
-        if plan.method == "block" and module.in_features % plan.block[1]:
-            plan = plan.without_sparsity()  # as the rewrite pass does: not sparsified
+    for proj in projection_modules(model):
+        # block patterns that do not divide the width: not sparsified, as the pass does
+        plan = resolve_plan(proj.path, proj.in_features, config, warn=False).plan
         record = ProjectionSparsity(
-            path=path, role=role_of(path), in_features=module.in_features,
-            out_features=module.out_features, method=_method_name(plan),
+            path=proj.path, role=role_of(proj.path), in_features=proj.in_features,
+            out_features=proj.out_features, method=_method_name(plan),
             configured=plan.sparsity if plan.method in ("topk", "block") else None,
-            governed=not any(fnmatch.fnmatchcase(path, g) for g in config.exclude),
+            governed=not any(fnmatch.fnmatchcase(proj.path, g) for g in config.exclude),
         )
         records.append(record)
-        handles.append(module.register_forward_hook(hook(record, plan)))
+        handles.append(proj.module.register_forward_hook(hook(record, plan, proj)))
     try:
         with torch.no_grad():
             for batch in batches:

@@ -1,4 +1,7 @@
-"""``qsparse::cpu_sparse_gemv`` against its pure-PyTorch reference, forward and backward.
+"""The benchmark-only sparse GEMV (``benchmarks/sparse_gemv_kernel.py``) against its reference.
+
+No pass emits this kernel; ``benchmarks/cpu_decode.py`` times it, so it is checked forward and
+backward like every kernel, here.
 
 Shapes are deliberately small and odd (K = 1, 3, 17, 100; N = 1, 5, 33) so every tail path of
 the kernel (rows left over after the last full pass, columns left over after the last vector,
@@ -7,22 +10,18 @@ tokens 1..8 and a chunked 11) runs; a few larger cases exercise the multi-thread
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from qsparse_compile.codegen.cpu import (
+from sparse_gemv_kernel import (
     MAX_TOKENS,
-    cost_model,
     cpu_sparse_gemv,
     prepare_weight,
     sparse_gemv,
     sparse_gemv_reference,
 )
-from qsparse_compile.codegen.cpu import compiler as cpu_compiler
+
 from qsparse_compile.reference import topk_sparsify
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -75,7 +74,7 @@ def test_forward_matches_reference(dtype, K, N, tokens, pattern, with_bias, seed
     g = torch.Generator().manual_seed(seed + 1)
     weight_t = prepare_weight(torch.randn(N, K, generator=g).to(dt))
     bias = torch.randn(N, generator=g).to(dt) if with_bias else None
-    y = torch.ops.qsparse.cpu_sparse_gemv(x, weight_t, bias)
+    y = torch.ops.qsparse_bench.cpu_sparse_gemv(x, weight_t, bias)
     _assert_matches_reference(y, x, weight_t, bias)
 
 
@@ -170,7 +169,7 @@ def test_backward_matches_reference(dtype, K, N, tokens, with_bias, seed):
         fn(*leaves, *([None] if b0 is None else [])).backward(grad)
         return [t.grad for t in leaves]
 
-    ours = grads(torch.ops.qsparse.cpu_sparse_gemv)
+    ours = grads(torch.ops.qsparse_bench.cpu_sparse_gemv)
     ref = grads(sparse_gemv_reference)
     tol = {"rtol": 2e-2, "atol": 5e-2} if dt == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     for a, b in zip(ours, ref, strict=True):
@@ -185,7 +184,7 @@ def test_opcheck(dtype, with_bias):
     x = topk_sparsify(torch.randn(2, 3, 17), 5).to(dt).requires_grad_()
     weight_t = torch.randn(17, 5).to(dt).requires_grad_()
     bias = torch.randn(5).to(dt).requires_grad_() if with_bias else None
-    torch.library.opcheck(torch.ops.qsparse.cpu_sparse_gemv, (x, weight_t, bias))
+    torch.library.opcheck(torch.ops.qsparse_bench.cpu_sparse_gemv, (x, weight_t, bias))
 
 
 def test_prepare_weight_layout():
@@ -208,71 +207,3 @@ def test_errors_name_the_problem():
         cpu_sparse_gemv(x, weight_t, torch.randn(4))
     with pytest.raises(ValueError, match="2-D weight"):
         prepare_weight(torch.randn(3))
-
-
-def test_missing_compiler_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("CC", "no-such-compiler-xyz")
-    with pytest.raises(cpu_compiler.CompilerNotFoundError, match="no-such-compiler-xyz"):
-        cpu_compiler.find_compiler()
-    monkeypatch.delenv("CC")
-    monkeypatch.setenv("PATH", "")
-    with pytest.raises(cpu_compiler.CompilerNotFoundError, match="install gcc"):
-        cpu_compiler.find_compiler()
-
-
-def test_concurrent_builds_leave_one_complete_library(tmp_path, monkeypatch):
-    """Racing builders each rename a finished file into place; no partial file survives."""
-    monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
-    source = "int qs_race_probe(void) { return 42; }\n"
-    paths, errors = [], []
-
-    def build():
-        try:
-            paths.append(cpu_compiler.build_library("qs_race_probe", source))
-        except Exception as error:  # surfaced by the assertion below
-            errors.append(error)
-
-    workers = [threading.Thread(target=build) for _ in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert not errors and len(set(paths)) == 1
-    built = sorted(p.name for p in (tmp_path / "cpu").iterdir())
-    assert [n for n in built if n.startswith(".")] == []  # no temporaries left behind
-    import ctypes
-
-    assert ctypes.CDLL(str(paths[0])).qs_race_probe() == 42
-
-
-def test_cost_model_measures_and_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
-    cost_model.clear_cache()
-    cal = cost_model.calibrate(64, 96, 1, torch.float32, repeats=3)
-    assert cal.dense_ms > 0 and all(t > 0 for t in cal.sparse_ms)
-    assert isinstance(cost_model.choose_sparse(64, 96, 1, torch.float32, 0.5), bool)
-    assert list((tmp_path / "cpu" / "cost_model").glob("*.json"))
-
-    # a new process (empty memory cache) reads the disk instead of measuring again
-    cost_model.clear_cache()
-
-    def no_measure(*args, **kwargs):
-        raise AssertionError("calibration was repeated instead of read from disk")
-
-    monkeypatch.setattr(cost_model, "_measure", no_measure)
-    assert cost_model.calibrate(64, 96, 1, torch.float32) == cal
-    cost_model.clear_cache()
-
-
-def test_cost_model_prediction_and_errors():
-    cal = cost_model.Calibration(4096, 4096, 1, "float32", 2, dense_ms=4.0, sparse_ms=(1.0, 3.0))
-    assert cal.predict_sparse_ms(0.5) == pytest.approx(2.0)
-    assert cal.speedup(0.5) == pytest.approx(2.0)
-    assert cost_model.rows_read_fraction(0.5, 1) == 0.5
-    assert cost_model.rows_read_fraction(0.5, 2) == 0.75
-    with pytest.raises(ValueError, match=r"density must be a number in \[0, 1\].*1.5"):
-        cost_model.choose_sparse(64, 64, 1, torch.float32, 1.5)
-    with pytest.raises(TypeError, match="float16"):
-        cost_model.calibrate(64, 64, 1, torch.float16)
-    with pytest.raises(ValueError, match="tokens must be a positive int, got 0"):
-        cost_model.calibrate(64, 64, 0, torch.float32)

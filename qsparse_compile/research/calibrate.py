@@ -24,22 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import Calibration, ProjectionInfo, RotationGroup
-from .config import DEFAULT_EXCLUDE, topk_count
+from ..config import DEFAULT_EXCLUDE, topk_count
+from ..modules import projection_modules
+from ..rotations import RotationGroup
+from .calibration import Calibration, ProjectionInfo
 
 #: Sparsities at which the loss-proxy curves are measured (allocation interpolates between).
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(19))  # 0, 0.05, ..., 0.9
-
-
-def _projection_weight(module: nn.Module) -> torch.Tensor | None:
-    """The ``[out, in]`` weight of a projection module, or None for other modules."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) \
-            and weight.dim() == 2:
-        return weight.t()
-    return None
 
 
 class _Collector:
@@ -189,9 +180,8 @@ def calibrate(model: nn.Module, batches: Sequence[Any], *, exclude: Iterable[str
         raise ValueError(f"calibrate: grid must be ascending sparsities in [0, 1) starting "
                          f"at 0, got {list(grid)}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    projections = {path: m for path, m in model.named_modules()
-                   if _projection_weight(m) is not None
-                   and not any(fnmatch.fnmatchcase(path, g) for g in exclude)}
+    projections = {p.path: p for p in projection_modules(model)
+                   if not any(fnmatch.fnmatchcase(p.path, g) for g in exclude)}
     if not projections:
         raise ValueError(f"calibrate: {type(model).__name__} has no projection "
                          f"(nn.Linear / Conv1D) outside exclude={list(exclude)}")
@@ -202,8 +192,8 @@ def calibrate(model: nn.Module, batches: Sequence[Any], *, exclude: Iterable[str
     collector = _Collector(math.ceil(sample_rows / len(batches)), seed)
     handles = [runner.register_forward_pre_hook(collector.begin),
                runner.register_forward_hook(collector.end)]
-    for path, module in projections.items():
-        handles.append(module.register_forward_pre_hook(
+    for path, proj in projections.items():
+        handles.append(proj.module.register_forward_pre_hook(
             lambda _m, args, path=path: collector.see(path, args[0])))
     try:
         from tqdm import tqdm
@@ -222,7 +212,7 @@ def calibrate(model: nn.Module, batches: Sequence[Any], *, exclude: Iterable[str
     return _build(collector, projections, grid, seed, sample_rows, len(batches), progress)
 
 
-def _build(collector: _Collector, projections: Mapping[str, nn.Module], grid: tuple[float, ...],
+def _build(collector: _Collector, projections: Mapping[str, Any], grid: tuple[float, ...],
            seed: int, sample_rows: int, batches: int, progress: bool) -> Calibration:
     from tqdm import tqdm
 
@@ -240,7 +230,7 @@ def _build(collector: _Collector, projections: Mapping[str, nn.Module], grid: tu
             rotation, eigenvalues = principal_rotation(moment)
             groups.append(RotationGroup(tuple(paths), rotation, eigenvalues))
             x = torch.cat(collector.samples[leader])[:sample_rows]
-            weights = [_projection_weight(projections[p]).detach().float() for p in paths]
+            weights = [projections[p].weight_out_in().detach().float() for p in paths]
             q64 = rotation.double()
             x_rot = (x.double() @ q64).float()
             w_rot = [(w.double() @ q64).float() for w in weights]

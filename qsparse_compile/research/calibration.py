@@ -4,7 +4,10 @@ per-projection sparsity allocations. One object, saved to and loaded from one fi
 A *rotation group* is the set of projections that read the same input tensor (q/k/v, gate/up)
 and therefore share one orthogonal rotation ``Q`` (PCA eigenvectors of the input's second
 moment ``X^T X``, by descending eigenvalue): ``x W^T == (x Q)(W Q)^T``, so top-K can be
-applied to ``x Q`` with the rotation folded into the weights (:mod:`passes.rotate`).
+applied to ``x Q`` with the rotation folded into the weights
+(:mod:`qsparse_compile.passes.rotate`). The compiler reads the rotations of a saved calibration
+without this module (:class:`qsparse_compile.rotations.Rotations`): the file format is defined
+there, and written here with the curves and allocations beside the rotations.
 
 *Curves* are the loss proxy the allocation minimises: for each projection, the relative output
 error ``||x W^T - sparsify(x) W^T||^2 / ||x W^T||^2`` per token, averaged over a sample of
@@ -26,27 +29,10 @@ from typing import Any
 
 import torch
 
-from .config import QSparseConfig
+from ..config import QSparseConfig
+from ..rotations import FORMAT, RotationGroup, Rotations, read_header
 
-FORMAT = "qsparse-calibration/1"
-
-
-@dataclasses.dataclass(eq=False)  # tensors: compare fields explicitly
-class RotationGroup:
-    """Projections reading one input tensor, and the rotation they share.
-
-    ``rotation`` is ``[D, D]`` float32, orthogonal; column ``j`` is the ``j``-th principal
-    direction of the input (descending ``eigenvalues``, float64, the second-moment spectrum
-    divided by the number of calibration rows).
-    """
-
-    paths: tuple[str, ...]
-    rotation: torch.Tensor
-    eigenvalues: torch.Tensor
-
-    @property
-    def dim(self) -> int:
-        return int(self.rotation.shape[0])
+__all__ = ["Calibration", "ProjectionInfo", "RotationGroup", "stored_overrides", "summary"]
 
 
 @dataclasses.dataclass
@@ -83,6 +69,11 @@ class Calibration:
 
     def __post_init__(self) -> None:
         self._by_path = {p.path: p for p in self.projections}
+
+    @property
+    def rotations(self) -> Rotations:
+        """The rotation groups, as the compiler takes them (the ``calibration`` option)."""
+        return Rotations(self.groups)
 
     # --- lookup ------------------------------------------------------------------------
 
@@ -151,15 +142,8 @@ class Calibration:
         """Read a file written by :meth:`save`."""
         from safetensors import safe_open
 
-        target = Path(path)
-        if not target.is_file():
-            raise FileNotFoundError(f"calibration file {str(target)!r} does not exist")
-        with safe_open(str(target), framework="pt") as f:
-            raw = (f.metadata() or {}).get("qsparse")
-            header = json.loads(raw) if raw else {}
-            if header.get("format") != FORMAT:
-                raise ValueError(f"{str(target)!r} is not a qsparse calibration file "
-                                 f"(format {header.get('format')!r}, expected {FORMAT!r})")
+        header = read_header(path)
+        with safe_open(str(path), framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
         groups = [RotationGroup(tuple(paths), tensors[f"rotation.{i}"],
                                 tensors[f"eigenvalues.{i}"])
@@ -171,34 +155,6 @@ class Calibration:
                    grid=tuple(header["grid"]), curves=curves,
                    allocations={k: dict(v) for k, v in header["allocations"].items()},
                    metadata=header["metadata"])
-
-
-#: The calibration most recently loaded from a path, keyed by (path, mtime, size): Dynamo
-#: compiles one graph per break and recompilation, each asking for the option again, and a
-#: saved calibration of a real model is hundreds of MB. One entry bounds the memory held.
-_LAST_LOADED: dict[tuple[str, int, int], Calibration] = {}
-
-
-def as_calibration(value: Any, where: str) -> Calibration:
-    """A :class:`Calibration` from a calibration or the path of a saved one (an option).
-
-    A path is read once while the file stays unchanged (same modification time and size).
-    """
-    if isinstance(value, Calibration):
-        return value
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value).resolve()
-        try:
-            stat = path.stat()
-        except OSError:
-            return Calibration.load(value)  # its error names the missing file
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
-        if key not in _LAST_LOADED:
-            _LAST_LOADED.clear()
-            _LAST_LOADED[key] = Calibration.load(path)
-        return _LAST_LOADED[key]
-    raise TypeError(f"{where}: must be a qsparse_compile.Calibration or the path of a file "
-                    f"written by Calibration.save, got {type(value).__name__}")
 
 
 def stored_overrides(calibration: Calibration, name: str) -> Mapping[str, float]:

@@ -1,4 +1,4 @@
-"""Tests for qsparse_compile.scaling: the law, its fit, the inference-optimal sparsity, the plan."""
+"""Tests for qsparse_compile.research.scaling: the law, its fit, the optimal sparsity, the plan."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qsparse_compile import scaling
-from qsparse_compile.scaling import (
+from qsparse_compile.research import scaling
+from qsparse_compile.research.scaling import (
     PAPER_FULL_PRECISION,
     LawParams,
     NoInteriorOptimumError,

@@ -8,8 +8,8 @@ from hf_models import HF_MODELS, token_ids
 from safetensors.torch import save_file
 
 import qsparse_compile as qc
-from qsparse_compile.backend import reset_records
-from qsparse_compile.calibration import as_calibration, stored_overrides, summary
+from qsparse_compile.research.calibration import stored_overrides, summary
+from qsparse_compile.rotations import as_rotations
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,6 @@ def model_and_calibration():
 
 def _compiled_logits(model, cal, ids):
     torch._dynamo.reset()
-    reset_records()
     compiled = torch.compile(model, backend="qsparse", dynamic=False,
                              options={"sparsity": 0.5, "calibration": cal, "inner": "eager"})
     with torch.no_grad():
@@ -52,15 +51,17 @@ def test_a_path_option_is_read_once_while_the_file_is_unchanged(model_and_calibr
                                                                 tmp_path):
     _, cal = model_and_calibration
     path = cal.save(tmp_path / "cal.safetensors")
-    first = as_calibration(path, "calibration")
-    assert as_calibration(str(path), "calibration") is first  # same file: not read again
+    first = as_rotations(path, "calibration")  # what the backend reads of the option
+    assert as_rotations(str(path), "calibration") is first  # same file: not read again
+    assert [g.paths for g in first.groups] == [g.paths for g in cal.groups]
+    assert all(torch.equal(a.rotation, b.rotation) for a, b in zip(first.groups, cal.groups,
+                                                                    strict=True))
     other = qc.Calibration.load(path)
     other.allocate(0.5)  # a different file content (one more stored allocation)
     other.save(path)
-    reread = as_calibration(path, "calibration")
-    assert reread is not first and "0.5/rotated" in reread.allocations
+    assert as_rotations(path, "calibration") is not first
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        as_calibration(tmp_path / "missing.safetensors", "calibration")
+        as_rotations(tmp_path / "missing.safetensors", "calibration")
 
 
 def test_load_refuses_other_files(tmp_path):
@@ -70,8 +71,8 @@ def test_load_refuses_other_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not a qsparse calibration file"):
         qc.Calibration.load(other)
-    with pytest.raises(TypeError, match="calibration: must be a qsparse_compile.Calibration"):
-        as_calibration(1.5, "calibration")
+    with pytest.raises(TypeError, match="calibration: must be a Calibration"):
+        as_rotations(1.5, "calibration")
 
 
 def test_stored_overrides_and_summary(model_and_calibration):

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qsparse_compile as qc
-from qsparse_compile.allocation import activated, allocate, budget, overrides_for
-from qsparse_compile.calibrate import DEFAULT_GRID
 from qsparse_compile.config import QSparseConfig, topk_count
+from qsparse_compile.research.allocation import activated, allocate, budget, overrides_for
+from qsparse_compile.research.calibrate import DEFAULT_GRID
 
 GRID = DEFAULT_GRID
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import check_sparsity, topk_count
+from ..config import check_sparsity, topk_count
 
 #: A move must lower the proxy by more than this to be taken (guards float round-off loops).
 MIN_GAIN = 1e-12
@@ -134,7 +134,7 @@ def activated(sizes: Sequence[tuple[int, int]], ks: Sequence[int]) -> int:
 def allocation_table(paths: Sequence[str], sizes: Sequence[tuple[int, int]],
                      overrides: Mapping[str, float]) -> dict[str, float]:
     """Mean allocated sparsity per role (q, k, ..., down): how the budget was spread."""
-    from .passes.module_path import role_of
+    from ..roles import role_of
 
     by_role: dict[str, list[float]] = {}
     for path, (dim, _) in zip(paths, sizes, strict=True):

@@ -1,0 +1,65 @@
+"""The measured cost model of the CPU decode op, and the thread policy of its kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qsparse_compile.codegen.cpu import cost_model, thread_policy
+
+
+def test_cost_model_measures_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
+    cost_model.clear_cache()
+    cal = cost_model.calibrate(64, 96, 1, torch.float32, repeats=3)
+    assert cal.dense_ms > 0 and all(t > 0 for t in cal.sparse_ms)
+    assert isinstance(cost_model.choose_sparse(64, 96, 1, torch.float32, 0.5), bool)
+    assert list((tmp_path / "cpu" / "cost_model").glob("*.json"))
+
+    # a new process (empty memory cache) reads the disk instead of measuring again
+    cost_model.clear_cache()
+
+    def no_measure(*args, **kwargs):
+        raise AssertionError("calibration was repeated instead of read from disk")
+
+    monkeypatch.setattr(cost_model, "_measure", no_measure)
+    assert cost_model.calibrate(64, 96, 1, torch.float32) == cal
+    cost_model.clear_cache()
+
+
+def test_cost_model_prediction_and_errors():
+    cal = cost_model.Calibration(4096, 4096, 1, "float32", 2, dense_ms=4.0, sparse_ms=(1.0, 3.0))
+    assert cal.kernel == "topk_linear"
+    assert cal.predict_sparse_ms(0.5) == pytest.approx(2.0)
+    assert cal.speedup(0.5) == pytest.approx(2.0)
+    assert cost_model.rows_read_fraction(0.5, 1) == 0.5
+    assert cost_model.rows_read_fraction(0.5, 2) == 0.75
+    with pytest.raises(ValueError, match=r"density must be a number in \[0, 1\].*1.5"):
+        cost_model.choose_sparse(64, 64, 1, torch.float32, 1.5)
+    with pytest.raises(TypeError, match="float16"):
+        cost_model.calibrate(64, 64, 1, torch.float16)
+    with pytest.raises(ValueError, match="tokens must be a positive int, got 0"):
+        cost_model.calibrate(64, 64, 0, torch.float32)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        cost_model.calibrate(64, 64, 9, torch.float32)
+    assert cost_model.choose_sparse(64, 64, 9, torch.float32, 0.5) is False
+
+
+def test_thread_policy_asks_the_kernel_once_per_thread_count(tmp_path, monkeypatch):
+    """The policy times nothing itself: the kernel module passes its measurement."""
+    monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(thread_policy, "_DECIDED", {})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    asked = []
+
+    def gain(threads):
+        asked.append(threads)
+        return 1.5
+
+    assert thread_policy.kernel_threads(gain) == 2
+    assert thread_policy.kernel_threads(gain) == 2 and asked == [2]
+    monkeypatch.setattr(thread_policy, "_DECIDED", {})
+    assert thread_policy.kernel_threads(lambda t: 0.5) == 2  # read back from disk
+    monkeypatch.setattr(thread_policy, "_DECIDED", {})
+    monkeypatch.setenv("QSPARSE_CPU_THREADS", "1")
+    assert thread_policy.kernel_threads(gain) == 1
