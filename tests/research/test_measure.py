@@ -120,3 +120,19 @@ def test_overall_is_weighted_by_weights_like_the_paper():
     m = SparsityMeasurement(projections)
     assert m.overall == pytest.approx(0.457, abs=1e-3)
     assert m.to_dict()["per_role"]["down"] == 0.604
+
+
+def test_gpt2_conv1d_projections_are_measured():
+    """``Conv1D`` (weight ``[in, out]``) is a projection module like ``nn.Linear``."""
+    from hf_models import HF_MODELS, token_ids
+
+    model = HF_MODELS["gpt2"].build()
+    result = measure_sparsity(model, [{"input_ids": token_ids(), "use_cache": False}],
+                              sparsity=0.5)
+    assert [p.path for p in result.projections] == HF_MODELS["gpt2"].expected_paths() + [
+        "lm_head"]
+    for p in result.projections[:-1]:
+        assert p.governed and p.measured == pytest.approx(
+            1 - topk_count(p.in_features, 0.5) / p.in_features)
+    head = result.projections[-1]
+    assert not head.governed and head.method == "dense" and head.measured < 0.1
