@@ -1,8 +1,9 @@
 """qsparse-compile: make any PyTorch language model fully sparsely activated (Q-Sparse).
 
-``torch.compile(model, backend="qsparse", options={"sparsity": 0.4})`` sparsifies the input of
-every linear projection with top-K (straight-through for training) or block N:M; the operators
-live in ``torch.ops.qsparse``; :mod:`qsparse_compile.reference` is the eager oracle.
+``qsparse_compile.compile_model(model, sparsity=0.4)`` (or ``torch.compile(model,
+backend="qsparse", options={"sparsity": 0.4})``) sparsifies the input of every linear
+projection with top-K (straight-through for training) or block N:M; the operators live in
+``torch.ops.qsparse``; :mod:`qsparse_compile.reference` is the eager oracle.
 
 Importing the package registers the ops and nothing heavier: neither Inductor nor Triton is
 imported until a graph is compiled, and the research tools (:mod:`.research`: scaling law,
@@ -14,6 +15,7 @@ from typing import Any
 
 from . import ops  # noqa: F401  (registers torch.ops.qsparse)
 from .backend import Backend
+from .compile_model import compile_model
 from .config import QSparseConfig, topk_count
 from .export import sparsify_exported
 from .functional import sparse_projection, sparsify
@@ -23,6 +25,7 @@ from .rotations import Rotations
 
 __all__ = [
     "Backend",
+    "compile_model",
     "CompileOptions",
     "QSparseConfig",
     "Rotations",

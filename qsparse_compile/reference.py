@@ -10,13 +10,17 @@ Everything acts on the last dimension (a row is one token's features).
 from __future__ import annotations
 
 import contextlib
+import types
+from collections.abc import Callable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import plan as plan_module
 from .config import ProjectionPlan, QSparseConfig
-from .modules import ProjectionModule, projection_modules
+from .modules import ProjectionModule, all_projections
 from .plan import resolve_plan
+from .roles import projection_roles
 
 __all__ = [
     "topk_mask",
@@ -145,20 +149,40 @@ def norm_sparsify(x: torch.Tensor, norm: str, weight: torch.Tensor | None,
     return int8_fake_quant(out) if quant else out
 
 
+def autocast_operand(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``F.linear`` would multiply it: cast to the autocast dtype of its device when
+    autocast is on there (the ``qsparse`` ops' autocast rule), else unchanged."""
+    device = x.device.type
+    if x.is_floating_point() and torch.amp.is_autocast_available(device) \
+            and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class _ReferenceOps:
-    """The oracle's elementary operations, for :mod:`qsparse_compile.plan`."""
+    """The oracle's elementary operations, for :mod:`qsparse_compile.plan`.
+
+    Under autocast each selects and quantizes the operand ``F.linear`` would multiply (cast
+    to the autocast dtype), as the ``qsparse`` ops do.
+    """
 
     @staticmethod
     def topk(x, k, rescale, ste):
-        return topk_sparsify(x, k, "l2" if rescale else "none", ste)
+        return topk_sparsify(autocast_operand(x), k, "l2" if rescale else "none", ste)
 
     @staticmethod
     def block(x, n, m, rescale, ste):
-        return block_sparsify(x, n, m, "l2" if rescale else "none", ste)
+        return block_sparsify(autocast_operand(x), n, m, "l2" if rescale else "none", ste)
+
+    @staticmethod
+    def int8(x):
+        return int8_fake_quant(autocast_operand(x))
+
+    @staticmethod
+    def ternary(w):
+        return ternary_fake_quant(autocast_operand(w))
 
     relu = staticmethod(torch.relu)
-    int8 = staticmethod(int8_fake_quant)
-    ternary = staticmethod(ternary_fake_quant)
     linear = staticmethod(torch.nn.functional.linear)
 
 
@@ -182,29 +206,141 @@ def projection(
     return plan_module.project(x, weight, bias, plan, config, REFERENCE_OPS, x.shape[-1])
 
 
+#: ``observe(path, x)``: called with each projection's input as its product sees it.
+Observer = Callable[[str, torch.Tensor], None]
+
+
+def _product(path: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             plan: ProjectionPlan, config: QSparseConfig, observe: Observer | None,
+             ternary_done: bool = False) -> torch.Tensor:
+    """:func:`projection`, telling ``observe`` what the product reads (``ternary_done``: the
+    weight already holds ternary values, quantized over a whole expert weight)."""
+    xs = x if plan.dense else sparsify_input(x, plan, config)
+    if observe is not None:
+        observe(path, xs)
+    if plan.quant == "bitnet" and not ternary_done:
+        weight = ternary_fake_quant(weight)
+    return torch.nn.functional.linear(xs, weight, bias)
+
+
+class _FunctionalProducts(TorchFunctionMode):
+    """Inside one module's forward: products whose weight is a router's own weight, or one
+    expert's matrix picked from an expert weight, computed by the reference semantics.
+
+    ``weights`` maps ``id(parameter)`` to ``(path, plan, layout)``; a 2-D parameter is a
+    router's weight read by ``F.linear``, a 3-D one an expert weight: picking an expert from it
+    (``w[i]``) yields a tagged matrix, and ``F.linear(x, tagged)`` (``"out_in"``) or
+    ``x @ tagged`` (``"in_out"``) sparsifies ``x``. For ``bitnet`` the whole expert weight is
+    made ternary before the pick (one scale per weight tensor, as the compiler does).
+    """
+
+    def __init__(self, weights: dict[int, tuple[str, ProjectionPlan, str]],
+                 config: QSparseConfig, observe: Observer | None):
+        super().__init__()
+        self.weights = weights
+        self.config = config
+        self.observe = observe
+        self.picked: dict[int, tuple[torch.Tensor, str, ProjectionPlan]] = {}
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self.weights \
+                and args[0].dim() == 3:
+            path, plan, _ = self.weights[id(args[0])]
+            source = ternary_fake_quant(args[0]) if plan.quant == "bitnet" else args[0]
+            out = func(source, *args[1:], **kwargs)
+            if out.dim() == 2:  # one expert's matrix
+                self.picked[id(out)] = (out, path, plan)  # the tensor kept: its id stays unique
+            return out
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if id(w) in self.picked:
+                _, path, plan = self.picked[id(w)]
+                return _product(path, x, w, bias, plan, self.config, self.observe, True)
+            entry = self.weights.get(id(w))
+            if entry is not None and w.dim() == 2:
+                path, plan, _ = entry
+                return _product(path, x, w, bias, plan, self.config, self.observe)
+        if func in (torch.matmul, torch.Tensor.__matmul__) and id(args[1]) in self.picked:
+            _, path, plan = self.picked[id(args[1])]
+            return _product(path, args[0], args[1].t(), None, plan, self.config, self.observe,
+                            True)
+        return func(*args, **kwargs)
+
+
+def _eager_forward(module: torch.nn.Module):
+    """The module's own forward, before a dispatching decorator (Hugging Face's
+    ``use_experts_implementation`` wraps the plain per-expert loop, kept as ``__wrapped__``)."""
+    forward = type(module).forward
+    return getattr(forward, "__wrapped__", forward)
+
+
 @contextlib.contextmanager
-def reference_model(model: torch.nn.Module, config: QSparseConfig | None = None, **options):
+def _functional_products(module: torch.nn.Module,
+                         weights: dict[int, tuple[str, ProjectionPlan, str]],
+                         config: QSparseConfig, observe: Observer | None) -> Iterator[None]:
+    """Within the block, ``module``'s forward (its plain eager one) runs under
+    :class:`_FunctionalProducts`."""
+    original = _eager_forward(module)
+
+    def forward(self, *args, **kwargs):
+        with _FunctionalProducts(weights, config, observe):
+            return original(self, *args, **kwargs)
+
+    had = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = types.MethodType(forward, module)
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+@contextlib.contextmanager
+def reference_model(model: torch.nn.Module, config: QSparseConfig | None = None, *,
+                    observe: Observer | None = None, **options):
     """Within the block, ``model`` computes every projection through this module's oracle.
 
     Forward hooks replace the output of each ``nn.Linear`` (and ``Conv1D``-style module with a
-    ``[in, out]`` weight) with :func:`projection` under the config's plan for its module path,
-    so the eager model is the reference a compiled model must match, forward and backward.
-    Block patterns that do not divide a projection's width leave it dense, as the pass does.
+    ``[in, out]`` weight) with :func:`projection` under the config's plan for its module path
+    and role (:func:`qsparse_compile.roles.projection_roles`), so the eager model is the
+    reference a compiled model must match, forward and backward. Routers that compute
+    ``F.linear`` on their own weight, and mixture-of-experts experts modules (3-D weights), run
+    their plain eager forward (for Hugging Face experts the per-expert loop, whatever
+    ``experts_implementation`` the model uses) with each product's input sparsified by its
+    plan: the expert's input rows are its tokens. Block patterns that do not divide a
+    projection's width leave it dense, as the pass does. ``observe(path, x)``, if given, sees
+    every projection's input as its product reads it.
     """
     config = QSparseConfig.from_options(config, **options)
+    roles = projection_roles(model)
     handles = []
+    functional: dict[int, tuple[torch.nn.Module, dict]] = {}
 
     def hook(plan, proj: ProjectionModule):
         def run(module, inputs, output):
-            return projection(inputs[0], proj.weight_out_in(), proj.bias, plan, config)
+            return _product(proj.path, inputs[0], proj.weight_out_in(), proj.bias, plan,
+                            config, observe)
         return run
 
-    for proj in projection_modules(model):
+    for proj in all_projections(model):
         # block patterns that do not divide the width leave it dense, as the pass does
-        plan = resolve_plan(proj.path, proj.in_features, config, warn=False).plan
-        handles.append(proj.module.register_forward_hook(hook(plan, proj)))
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
+        plan = resolve_plan(proj.path, proj.in_features, config, warn=False,
+                            role=roles.role(proj.path)).plan
+        if isinstance(proj, ProjectionModule) and proj.output_is_product:
+            handles.append(proj.module.register_forward_hook(hook(plan, proj)))
+            continue
+        _, weights = functional.setdefault(id(proj.module), (proj.module, {}))
+        weights[id(proj.weight)] = (proj.path, plan, proj.layout)
+    with contextlib.ExitStack() as stack:
+        for module, weights in functional.values():
+            stack.enter_context(_functional_products(module, weights, config, observe))
+        try:
+            yield model
+        finally:
+            for handle in handles:
+                handle.remove()

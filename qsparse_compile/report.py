@@ -3,6 +3,12 @@
 ``report(model_or_program, ...)`` returns a :class:`Report`: a list of JSON-serialisable dicts
 (one per projection) with ``totals``; ``print(report)`` shows an aligned table.
 
+A row's ``role`` is the projection's role (:mod:`qsparse_compile.roles`). An expert weight (one
+matrix per expert) is one row: ``params`` counts every expert (``experts * in * out``) and
+``activated_params`` the experts a token reads (``experts_per_token``, the model's
+``num_experts_per_tok``) times the kept inputs (``k * out`` each); where the model does not say
+how many experts a token reads, every expert is counted (an upper bound, noted).
+
 With a calibration (rotated inputs), each inserted ``x @ Q`` costs ``D * D`` multiply-adds per
 token; that cost is on the row of the first projection reading the rotated input
 (``rotation_macs``, with a note naming the others sharing it) and in the totals, beside the
@@ -18,20 +24,29 @@ from typing import Any
 import torch
 
 from .config import ProjectionPlan, QSparseConfig
-from .modules import projection_modules
+from .modules import all_projections
 from .passes.rewrite import RewrittenProjection
 from .passes.rotate import RotatedInput
 from .plan import resolve_plan
-from .roles import role_of
+from .roles import ProjectionRoles, projection_roles, role_of
 
 COLUMNS = ("path", "role", "shape", "method", "quant", "sparsity", "k", "params",
            "activated_params")
 
 
 def projection_row(path: str, in_features: int, out_features: int, plan: ProjectionPlan,
-                   k: int | None, note: str = "") -> dict[str, Any]:
-    """One row: ``activated_params`` counts the weights a sparse product reads (``k * out``)."""
-    params = in_features * out_features
+                   k: int | None, note: str = "", role: str | None = None, experts: int = 0,
+                   experts_per_token: int | None = None) -> dict[str, Any]:
+    """One row: ``activated_params`` counts the weights a sparse product reads (``k * out``),
+    times the experts a token reads for an expert weight (``experts > 0``). ``role`` None:
+    read off the path's names."""
+    count = max(experts, 1)
+    read = 1 if not experts else experts_per_token
+    if read is None:
+        read = count
+        unknown = "experts per token unknown: every expert counted as read"
+        note = f"{note}; {unknown}" if note else unknown
+    params = count * in_features * out_features
     if not plan.sparse:
         method, sparsity, kept = "dense", 0.0, in_features
     elif plan.method == "block":
@@ -43,26 +58,34 @@ def projection_row(path: str, in_features: int, out_features: int, plan: Project
         method, sparsity, kept = "topk", plan.sparsity, k
     return {
         "path": path,
-        "role": role_of(path),
+        "role": role_of(path) if role is None else role,
         "in_features": in_features,
         "out_features": out_features,
-        "shape": f"{out_features}x{in_features}",
+        "experts": experts,
+        "experts_per_token": read if experts else 0,
+        "shape": (f"{experts}x" if experts else "") + f"{out_features}x{in_features}",
         "method": method,
         "quant": plan.quant,
         "sparsity": round(float(sparsity), 6),
         "k": int(kept),
         "params": params,
-        "activated_params": int(kept) * out_features,
+        "activated_params": read * int(kept) * out_features,
         "rotation_macs": 0,
         "note": note,
     }
 
 
 class Report(list):
-    """Rows (dicts) of a projection report, with ``totals`` and a printable table."""
+    """Rows (dicts) of a projection report, with ``totals`` and a printable table.
 
-    def __init__(self, rows: Iterable[dict[str, Any]]):
+    ``model_params`` (the report of a module: every parameter, embeddings and norms too) is
+    shown beside the projections' count; it is not part of ``totals``, which every way of
+    reporting a model agrees on.
+    """
+
+    def __init__(self, rows: Iterable[dict[str, Any]], model_params: int | None = None):
         super().__init__(rows)
+        self.model_params = model_params
         params = sum(r["params"] for r in self)
         activated = sum(r["activated_params"] for r in self)
         self.totals = {
@@ -92,6 +115,9 @@ class Report(list):
             f"parameters {t['activated_params']:,} of {t['params']:,} "
             f"({100 * t['activated_fraction']:.1f}%)"
         )
+        if self.model_params:
+            lines[-1] += (f"; the model has {self.model_params:,} parameters "
+                          f"({self.model_params / 1e9:.1f}B)")
         if t["rotation_macs"]:
             lines[-1] += (f"; rotations add {t['rotation_macs']:,} multiply-adds per token "
                           f"({100 * t['rotation_macs'] / max(t['activated_params'], 1):.1f}% of "
@@ -114,7 +140,9 @@ def rows_from_records(records: Iterable[RewrittenProjection],
     """A report of what the passes did (a compilation's records, ``sparsify_exported``);
     ``rotations`` (``GraphResult.rotations``) adds the cost of rotated inputs."""
     rows = [projection_row(r.projection.path, r.projection.in_features,
-                           r.projection.out_features, r.plan, r.k, r.note) for r in records]
+                           r.projection.out_features, r.plan, r.k, r.note, r.role,
+                           r.projection.experts, r.projection.experts_per_token)
+            for r in records]
     return Report(with_rotations(rows, rotations))
 
 
@@ -197,12 +225,17 @@ def report(model_or_program: Any, *example_args: Any, config: QSparseConfig | No
         ep = torch.export.export(model_or_program, tuple(example_args), strict=False)
         _, result = sparsify_exported_with_result(ep, config, True, rotations)
         return rows_from_records(result.records, result.rotations)
+    roles = projection_roles(model_or_program)
     rows = []
-    for proj in projection_modules(model_or_program):
-        resolved = resolve_plan(proj.path, proj.in_features, config)
+    for proj in all_projections(model_or_program):
+        role = roles.role(proj.path)
+        resolved = resolve_plan(proj.path, proj.in_features, config, role=role)
         rows.append(projection_row(proj.path, proj.in_features, proj.out_features,
-                                   resolved.plan, resolved.k, resolved.note))
-    return Report(with_rotations(rows, _calibrated_rotations(rotations, config)))
+                                   resolved.plan, resolved.k, resolved.note, role,
+                                   proj.experts, proj.experts_per_token))
+    every = {id(p): p.numel() for p in model_or_program.parameters()}  # tied ones once
+    return Report(with_rotations(rows, _calibrated_rotations(rotations, config, roles)),
+                  model_params=sum(every.values()))
 
 
 def _is_backend(obj: Any) -> bool:
@@ -216,7 +249,8 @@ def _is_compiled(obj: Any) -> bool:
     return isinstance(getattr(obj, "_orig_mod", None), torch.nn.Module)
 
 
-def _calibrated_rotations(calibration: Any, config: QSparseConfig) -> list[RotatedInput]:
+def _calibrated_rotations(calibration: Any, config: QSparseConfig, roles: ProjectionRoles
+                          ) -> list[RotatedInput]:
     """The rotations a compile with ``calibration`` inserts: one per group of projections
     sharing an input, over the members that are sparsified (top-K or block)."""
     if calibration is None:
@@ -224,7 +258,7 @@ def _calibrated_rotations(calibration: Any, config: QSparseConfig) -> list[Rotat
     out = []
     for group in calibration.groups:
         paths = tuple(p for p in group.paths
-                      if config.plan_for(p).method in ("topk", "block"))
+                      if config.plan_for(p, roles.role(p)).method in ("topk", "block"))
         if paths:
             out.append(RotatedInput(paths, group.dim))
     return out

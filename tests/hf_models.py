@@ -118,3 +118,99 @@ class Logits(torch.nn.Module):
 
 def token_ids(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# --- mixtures of experts, and models whose head is not called lm_head -------------------------
+
+#: Experts per MoE block and experts each token reads, in the tiny MoE models.
+EXPERTS = 4
+EXPERTS_PER_TOKEN = 2
+
+
+def _moe(config_cls_name: str, model_cls_name: str, **sizes):
+    def build(layers: int = LAYERS, seed: int = 0, experts_implementation: str | None = None,
+              **extra) -> torch.nn.Module:
+        import transformers
+
+        quiet_transformers()
+        if experts_implementation is not None:
+            extra["experts_implementation"] = experts_implementation
+        config = getattr(transformers, config_cls_name)(
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False,
+            attn_implementation="sdpa", num_experts_per_tok=EXPERTS_PER_TOKEN,
+            **sizes, **extra)
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = getattr(transformers, model_cls_name)(config).eval()
+        # routers start at zero in some families (ties everywhere): random routing instead
+        with torch.no_grad():
+            for path, param in model.named_parameters():
+                if path.endswith("mlp.gate.weight"):
+                    param.normal_(0.0, 0.5)
+        return model
+
+    return build
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEModel:
+    """A tiny mixture-of-experts family and the paths of one layer's MoE block."""
+
+    name: str
+    build: Callable[..., torch.nn.Module]
+    #: (path suffix under ``model.layers.i.mlp``, role) of the block's projections
+    block: tuple[tuple[str, str], ...]
+
+    def block_paths(self, i: int) -> dict[str, str]:
+        return {f"model.layers.{i}.mlp.{suffix}": role for suffix, role in self.block}
+
+
+_EXPERT_ROLES = (("gate", "router"), ("experts.gate_up_proj", "gate_up"),
+                 ("experts.down_proj", "down"))
+
+MOE_MODELS = {
+    "mixtral": MoEModel("mixtral", _moe("MixtralConfig", "MixtralForCausalLM",
+                                        intermediate_size=64, num_local_experts=EXPERTS),
+                        _EXPERT_ROLES),
+    "qwen2_moe": MoEModel(
+        "qwen2_moe", _moe("Qwen2MoeConfig", "Qwen2MoeForCausalLM", intermediate_size=64,
+                          moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                          num_experts=EXPERTS),
+        (*_EXPERT_ROLES, ("shared_expert_gate", "router"), ("shared_expert.gate_proj", "gate"),
+         ("shared_expert.up_proj", "up"), ("shared_expert.down_proj", "down"))),
+    "qwen3_moe": MoEModel("qwen3_moe", _moe("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                                            intermediate_size=64, moe_intermediate_size=32,
+                                            num_experts=EXPERTS, head_dim=8),
+                          _EXPERT_ROLES),
+}
+
+
+def build_bert_mlm(layers: int = LAYERS, seed: int = 0) -> torch.nn.Module:
+    """BERT for masked LM: its head is ``cls.predictions.decoder``, tied to the embeddings."""
+    import transformers
+
+    quiet_transformers()
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.BertForMaskedLM(config).eval()
+
+
+def build_t5(layers: int = LAYERS, seed: int = 0) -> torch.nn.Module:
+    """T5 (encoder-decoder): its head is ``lm_head``, tied to ``shared`` by default."""
+    import transformers
+
+    quiet_transformers()
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_ff=64, d_kv=8,
+                                   num_layers=layers, num_heads=4, decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.T5ForConditionalGeneration(config).eval()

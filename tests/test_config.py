@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qsparse_compile import QSparseConfig, topk_count
-from qsparse_compile.config import DEFAULT_EXCLUDE, ProjectionPlan
+from qsparse_compile.config import DEFAULT_DENSE_ROLES, DEFAULT_EXCLUDE, ProjectionPlan
 
 DENSE = ProjectionPlan(None, None, None)
 
@@ -54,7 +54,8 @@ def test_defaults():
     config = QSparseConfig()
     assert (config.method, config.sparsity, config.block) == ("topk", 0.5, None)
     assert (config.rescale, config.quant, config.ste, config.strict) == ("none", None, True, False)
-    assert config.exclude == DEFAULT_EXCLUDE
+    assert config.exclude == DEFAULT_EXCLUDE == ()
+    assert config.dense_roles == DEFAULT_DENSE_ROLES == ("head", "router")
 
 
 @pytest.mark.parametrize(
@@ -254,19 +255,71 @@ def test_override_can_sparsify_selected_projections_of_a_dense_default():
 
 
 def test_exclusion_wins_over_overrides():
-    """Exclusion is checked first: the head stays dense even if a glob also matches it.
+    """Exclusion is checked first, even before an override naming the path literally."""
+    config = QSparseConfig(sparsity=0.5, overrides={"*": 0.7, "model.layers.0.mlp.up_proj": 0.3},
+                           exclude=("*.mlp.*",))
+    assert config.plan_for("model.layers.0.mlp.up_proj") == DENSE
+    assert config.plan_for("model.layers.0.self_attn.q_proj").sparsity == 0.7
 
-    To sparsify the head, drop it from ``exclude``.
-    """
+
+def test_dense_roles_win_over_wildcard_overrides():
+    """The head (by role) stays dense even if a wildcard glob matches it; ``dense_roles=()``
+    sparsifies it."""
     config = QSparseConfig(sparsity=0.5, overrides={"*": 0.7})
     assert config.plan_for("model.lm_head") == DENSE
-    assert QSparseConfig(sparsity=0.5, exclude=()).plan_for("model.lm_head").sparsity == 0.5
+    assert config.plan_for("model.lm_head", "q") == ProjectionPlan("topk", 0.7, None)
+    assert QSparseConfig(sparsity=0.5, dense_roles=()).plan_for("model.lm_head").sparsity == 0.5
 
 
-def test_custom_exclusions_replace_the_default():
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"lm_head": 0.3}, ProjectionPlan("topk", 0.3, None)),
+    ({"lm_head": None}, DENSE),
+    ({"lm_hea?": 0.3}, DENSE),
+    ({"*lm_head": 0.3}, DENSE),
+], ids=["literal", "literal-none", "wildcard-?", "wildcard-*"])
+def test_an_override_naming_the_path_literally_wins_over_its_role(overrides, expected):
+    config = QSparseConfig(sparsity=0.5, overrides=overrides)
+    assert config.plan_for("lm_head") == expected
+    assert config.plan_for("model.layers.0.mlp.gate", "router") == DENSE
+
+
+def test_dense_roles_take_the_role_given_else_the_name():
+    config = QSparseConfig(sparsity=0.5, quant="int8")
+    # a structural head (BERT's decoder), a structural router, and names alone
+    assert config.plan_for("cls.predictions.decoder", "head") == DENSE
+    assert config.plan_for("model.layers.0.mlp.gate", "router") == DENSE
+    assert config.plan_for("model.layers.0.mlp.gate") == ProjectionPlan("topk", 0.5, None,
+                                                                        "int8")
+    assert config.plan_for("embed_out") == DENSE
+    only_routers = QSparseConfig(sparsity=0.5, dense_roles=("router",))
+    assert only_routers.plan_for("lm_head").sparsity == 0.5
+    assert not only_routers.governs("x.gate", "router") and only_routers.governs("lm_head")
+
+
+@pytest.mark.parametrize(("value", "error", "words"), [
+    ("heads", ValueError, ("'dense_roles'", "'heads'", "router")),
+    (("head", 3), TypeError, ("'dense_roles'", "role names")),
+    ({"head": True}, TypeError, ("'dense_roles'",)),
+], ids=["unknown-role", "not-a-string", "mapping"])
+def test_dense_roles_are_checked(value, error, words):
+    with pytest.raises(error) as caught:
+        QSparseConfig(dense_roles=value)
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_dense_roles_accepts_one_role_and_round_trips():
+    config = QSparseConfig(dense_roles="head")
+    assert config.dense_roles == ("head",)
+    assert QSparseConfig.from_options(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_custom_exclusions_add_to_the_dense_roles():
     config = QSparseConfig(sparsity=0.5, exclude=("*.self_attn.*",))
     assert config.plan_for("model.layers.0.self_attn.k_proj") == DENSE
-    assert config.plan_for("lm_head").sparsity == 0.5
+    assert config.plan_for("lm_head") == DENSE
+    assert QSparseConfig(sparsity=0.5, exclude=("*.self_attn.*",),
+                         dense_roles=()).plan_for("lm_head").sparsity == 0.5
 
 
 def test_globs_are_case_sensitive():

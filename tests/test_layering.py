@@ -23,11 +23,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qsparse_compile"
 
 #: Layer of each part of the package, bottom first.
 LAYERS = {
-    0: ("config", "options", "roles", "modules", "plan", "rotations"),
+    0: ("config", "options", "roles", "modules", "plan", "rotations", "glob_check"),
     1: ("ops", "reference", "functional"),
     2: ("codegen",),
     3: ("passes",),
-    4: ("backend", "export", "report", "compile_records", "demo", "cli", "__main__", ""),
+    4: ("backend", "export", "report", "compile_records", "compile_model", "demo", "cli",
+        "__main__", ""),
 }
 RESEARCH = "research"
 

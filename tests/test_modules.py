@@ -24,3 +24,24 @@ def test_gpt2_walk_finds_every_projection():
     model = HF_MODELS["gpt2"].build()
     paths = [p.path for p in projection_modules(model)]
     assert paths == HF_MODELS["gpt2"].expected_paths() + ["lm_head"]
+
+
+def test_moe_walk_finds_routers_and_expert_weights():
+    from hf_models import EXPERTS, MOE_MODELS
+
+    from qsparse_compile.modules import all_projections, expert_weights, moe_blocks
+
+    model = MOE_MODELS["qwen2_moe"].build(layers=1)
+    (block,) = moe_blocks(model)
+    assert (block.path, block.experts_path, block.num_experts) == (
+        "model.layers.0.mlp", "model.layers.0.mlp.experts", EXPERTS)
+    assert [r.path for r in block.routers] == ["model.layers.0.mlp.gate",
+                                               "model.layers.0.mlp.shared_expert_gate"]
+    assert [r.output_is_product for r in block.routers] == [False, True]
+    down = next(w for w in expert_weights(model) if w.attr == "down_proj")
+    assert (down.in_features, down.out_features, down.experts) == (32, 32, EXPERTS)
+    paths = [p.path for p in all_projections(model)]
+    walked = [p.path for p in projection_modules(model)]
+    assert "model.layers.0.mlp.gate" in walked  # the router module, not an nn.Linear
+    assert paths.index("model.layers.0.mlp.experts.gate_up_proj") == \
+        paths.index("model.layers.0.mlp.gate") + 1

@@ -16,7 +16,8 @@ from qsparse_compile.config import topk_count
 from qsparse_compile.report import COLUMNS
 from qsparse_compile.research.models.tiny_llama import TinyLlama, TinyLlamaConfig
 
-KEYS = set(COLUMNS) | {"in_features", "out_features", "quant", "note", "rotation_macs"}
+KEYS = set(COLUMNS) | {"in_features", "out_features", "quant", "note", "rotation_macs", "experts",
+                      "experts_per_token"}
 
 
 def _tiny_llama(intermediate_size: int = 64) -> torch.nn.Module:

@@ -5,9 +5,11 @@ Importing this package registers ``torch.ops.qsparse.*``: ``topk_mask``, ``block
 ``sparse_linear``, ``block_sparse_linear`` (``sparse_linear`` on an input masked N:M, which
 CUDA may run as a 2:4 semi-structured product) and ``norm_sparsify`` (fused norm + sparsify +
 quant). Each has a CPU implementation, a fake (meta) implementation for tracing, and an
-autograd formula (straight-through for the sparsifiers and quantizers).
+autograd formula (straight-through for the sparsifiers and quantizers), and an autocast rule
+(:mod:`.autocast`: inside ``torch.autocast`` they compute as ``F.linear`` would).
 """
 
+from . import autocast  # noqa: F401  (registers the autocast rules)
 from .block_linear import block_sparse_linear
 from .linear import sparse_linear
 from .mask import block_mask, topk_mask

@@ -8,6 +8,11 @@ index, or None for a dimension of size 1 or a broadcast). A view (``view``, ``re
 followed only where it moves no labelled dimension's data: its non-size-1 sizes, read in order,
 are the same before and after (it only adds or drops size-1 dimensions); for activations,
 merging or splitting the dimensions *before* the last (rows) is allowed as well.
+
+Expert weights (a 3-D parameter, one matrix per expert) reach a product through one more step,
+followed only when asked (``experts=True``): ``select`` of one expert (its dimension dropped)
+or ``index`` by a tensor of expert ids (each row of the result one expert's matrix, labelled
+:data:`GATHERED`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch.fx
 from .graph_utils import tensor_meta
 from .node_args import arguments
 
-__all__ = ["Traced", "feature_view", "trace_dims", "VIEW_OPS"]
+__all__ = ["EXPERT_OPS", "GATHERED", "Traced", "feature_view", "trace_dims", "VIEW_OPS"]
 
 aten = torch.ops.aten
 
@@ -37,6 +42,12 @@ _EXPAND = {aten.expand.default}
 
 #: Ops this module follows (one tensor input, the first argument).
 VIEW_OPS = frozenset(_SAME | _VIEWS | _TRANSPOSES | _UNSQUEEZE | _SQUEEZE | _EXPAND)
+
+#: Ops that pick experts out of a 3-D expert weight (followed with ``experts=True``).
+EXPERT_OPS = frozenset({aten.select.int, aten.index.Tensor})
+
+#: The label of dimensions that index a weight's first dimension by a tensor of ids.
+GATHERED = "gathered"
 
 Labels = tuple[object, ...]
 
@@ -94,6 +105,18 @@ def _apply(node: torch.fx.Node, labels: Labels, rows: bool) -> Labels | None:
             if label is not None and label != "rows" and out[i] != src[i - lead]:
                 return None
         return tuple(new)
+    if target is aten.select.int:
+        dim = args["dim"] % len(labels)
+        return labels[:dim] + labels[dim + 1:]
+    if target is aten.index.Tensor:
+        indices = args["indices"]
+        # only ``w[ids]``: one index tensor, on the first dimension
+        if len(indices) != 1 or not isinstance(indices[0], torch.fx.Node):
+            return None
+        ids = _shape(indices[0])
+        if ids is None:
+            return None
+        return (GATHERED,) * len(ids) + labels[1:]
     if target in _VIEWS:
         found = _follow_sizes(src, out, labels)
         if found is None and rows:
@@ -127,10 +150,12 @@ def _merge_rows(src: tuple[int, ...], out: tuple[int, ...], labels: Labels) -> L
 
 
 def trace_dims(node: object, is_source: Callable[[torch.fx.Node], bool], *,
-               rows: bool = False, copies: bool = True, max_depth: int = 32) -> Traced | None:
+               rows: bool = False, copies: bool = True, experts: bool = False,
+               max_depth: int = 32) -> Traced | None:
     """Follow ``node`` back through view-like ops to the first node ``is_source`` accepts.
 
     ``rows=True`` also follows views that regroup the leading dimensions (activation rows);
+    ``experts=True`` also follows :data:`EXPERT_OPS` (experts picked from a 3-D weight);
     ``copies=False`` follows only ops whose result aliases their input (no ``clone``, casts or
     other copies: a copy is a snapshot, which a later in-place write to its source does not
     reach). Returns None where the chain leaves those ops, or a view moves data between
@@ -138,9 +163,10 @@ def trace_dims(node: object, is_source: Callable[[torch.fx.Node], bool], *,
     """
     chain: list[torch.fx.Node] = []
     current = node
+    followed = VIEW_OPS | EXPERT_OPS if experts else VIEW_OPS
     while isinstance(current, torch.fx.Node) and not is_source(current):
         if len(chain) >= max_depth or current.op != "call_function" or \
-                current.target not in VIEW_OPS or (not copies and current.target in _COPIES):
+                current.target not in followed or (not copies and current.target in _COPIES):
             return None
         chain.append(current)
         current = arguments(current)["self"]

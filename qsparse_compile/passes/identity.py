@@ -148,6 +148,11 @@ class ParameterNames:
                   if n.attr == "weight" and n.owner is not None and projection_layout(n.owner)]
         return list(dict.fromkeys([chosen, *others]))
 
+    def is_projection_weight(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is the weight of a projection module (``nn.Linear``, ``Conv1D``)."""
+        return any(n.attr == "weight" and n.owner is not None and projection_layout(n.owner)
+                   for n in self.names_of(tensor))
+
     def _preferred(self, tensor: torch.Tensor) -> TensorName:
         names = self.names_of(tensor)
         if not names:

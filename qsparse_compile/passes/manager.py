@@ -5,11 +5,14 @@ One object runs every pass over a normalised graph (:mod:`.normalise`), in one d
     [ReLU² GLU] -> [rotate] -> rewrite -> [share] -> [CPU decode] -> [fuse]
                 -> [Triton: decode GEMV -> N:M prefill -> retarget to the kernels]
 
-(bracketed: only where an option or the graph asks for it).
+(bracketed: only where an option or the graph asks for it). The bodies of higher-order ops
+(an activation-checkpointed layer's subgraph, :mod:`.subgraphs`) take the graph passes first,
+each as a graph of its own.
 
 * The graph passes (GLU, rotate, rewrite, share, fuse) run on every graph, before autograd:
   the ``qsparse`` ops they insert carry the straight-through gradient.
 * The lowerings (CPU decode, decode GEMV, Triton retargeting) run only on inference graphs
+  outside autocast (their kernels compute in the weights' dtype, where autocast would cast)
   (compiled with grad mode off); training graphs on the Triton path are retargeted after
   autograd instead (:mod:`.post_grad`). The N:M prefill retargeting yields a differentiable
   op, so it runs on every graph of the Triton path. They read the weights as constants at
@@ -42,10 +45,12 @@ from .cuda_decode import lower_cuda_decode
 from .fuse_norm import fuse_norm_sparsify
 from .graph_utils import op_counts
 from .kernel_select import triton_device
+from .normalise import has_autocast_region
 from .relu2_glu import relu2_glu
 from .rewrite import RewrittenProjection, sparsify_graph
 from .rotate import RotatedInput, rotate_projections
 from .share_inputs import share_sparsify_inputs
+from .subgraphs import SubgraphCall, walk_bodies
 from .triton_lowering import retarget_to_triton
 from .weights import WeightTable
 
@@ -66,7 +71,9 @@ class GraphResult:
             retargeted to ``block_sparse_linear``; ``triton``: nodes retargeted to kernels).
         rotations: the ``x @ Q`` inserted (:mod:`.rotate`).
         triton: the device type the Triton kernels were selected for, or None.
-        inference: whether the graph was compiled for inference (lowerings allowed).
+        inference: whether the graph was compiled for inference.
+        autocast: whether autocast is in effect for the graph (entered around the compiled
+            call, or inside it); the lowerings are then left out.
         before, after: op counts of the normalised graph before the passes and after them.
         graph: the graph as the inner compiler receives it.
         constants: placeholder name -> tensor, for the constants the passes added (prepared
@@ -78,6 +85,7 @@ class GraphResult:
     rotations: list[RotatedInput] = dataclasses.field(default_factory=list)
     triton: str | None = None
     inference: bool = False
+    autocast: bool = False
     before: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     after: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     graph: torch.fx.GraphModule | None = None
@@ -112,6 +120,14 @@ class GraphResult:
         return self.count("relu2_glu")
 
 
+def autocast_in_effect(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` runs under autocast: entered around the compiled call (Dynamo guards on
+    that state, so the graph only runs under it) or inside the graph."""
+    around = any(torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d)
+                 for d in ("cpu", "cuda"))
+    return around or has_autocast_region(gm)
+
+
 def clean_up(gm: torch.fx.GraphModule) -> None:
     """Dead code out (side effects kept: ``Node.is_impure`` knows mutating ops), lint, recompile."""
     gm.graph.eliminate_dead_code()
@@ -138,38 +154,66 @@ class PassManager:
         options, config = self.options, self.options.config
         passes: dict[str, int] = {}
         clean_up(gm)
-        result = GraphResult([], passes, inference=inference, before=op_counts(gm))
+        autocast = autocast_in_effect(gm)
+        result = GraphResult([], passes, inference=inference, autocast=autocast,
+                             before=op_counts(gm))
+        lower = inference and not autocast
 
-        def step(name: str, fn: Callable[[], int]) -> int:
-            passes[name] = fn()
-            clean_up(gm)
+        def step(name: str, fn: Callable[[], int], graph: torch.fx.GraphModule = gm) -> int:
+            passes[name] = passes.get(name, 0) + fn()
+            clean_up(graph)
             return passes[name]
 
+        # the bodies of higher-order ops (checkpointed layers) take the graph passes first
+        for call, table in walk_bodies(gm, weights):
+            inside = self._body_passes(call, table, step)
+            if self.rotations is not None and inside:
+                raise ValueError(
+                    f"option 'calibration': projections inside a {call.kind} region "
+                    f"({', '.join(r.path for r in inside[:3])}) cannot be rotated; compile "
+                    f"without activation checkpointing there, or without the calibration")
+            result.records += inside
         if config.relu2_glu:
             step("relu2_glu", lambda: relu2_glu(gm, weights))
         if self.rotations is not None:
             result.rotations = rotate_projections(gm, weights, config, self.rotations,
                                                   add_constant)
             step("rotate", lambda: len(result.rotations))
-        result.records = sparsify_graph(gm, weights, config)
-        step("rewrite", lambda: sum(not r.plan.dense for r in result.records))
+        records = sparsify_graph(gm, weights, config)
+        result.records += records
+        step("rewrite", lambda: sum(not r.plan.dense for r in records))
         if passes["rewrite"]:
             result.triton = triton_device(gm, options.kernels)
             if options.fuse:
                 step("share", lambda: share_sparsify_inputs(gm))
-            if inference and options.decode and result.triton is None:
+            if lower and options.decode and result.triton is None:
                 step("cpu_decode", lambda: lower_cpu_decode(gm, weights, config, add_constant,
                                                             decide=self.decide))
             if options.fuse:
                 step("fuse", lambda: fuse_norm_sparsify(gm))
             if result.triton is not None:
-                if inference and options.decode:
+                if lower and options.decode:
                     step("cuda_decode", lambda: lower_cuda_decode(
                         gm, weights, add_constant, device_type=result.triton))
                 # a differentiable op: training graphs take it too
                 step("block_prefill", lambda: use_block_sparse_linear(gm))
-                if inference:
+                if lower:
                     step("triton", lambda: retarget_to_triton(gm.graph))
         result.after = op_counts(gm)
         result.graph = gm
         return result
+
+    def _body_passes(self, call: SubgraphCall, weights: WeightTable,
+                     step: Callable[..., int]) -> list[RewrittenProjection]:
+        """The graph passes on one HOP body: GLU, rewrite, share and fuse (no lowerings: a
+        body runs inside its HOP, which the lowerings' kernels do not enter)."""
+        config, body = self.options.config, call.body
+        if config.relu2_glu:
+            step("relu2_glu", lambda: relu2_glu(body, weights), body)
+        records = sparsify_graph(body, weights, config)
+        rewritten = sum(not r.plan.dense for r in records)
+        step("rewrite", lambda: rewritten, body)
+        if rewritten and self.options.fuse:
+            step("share", lambda: share_sparsify_inputs(body), body)
+            step("fuse", lambda: fuse_norm_sparsify(body), body)
+        return records

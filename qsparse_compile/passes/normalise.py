@@ -15,6 +15,9 @@ decomposed (:data:`DECOMPOSED`), so that every projection is one of ``mm``, ``ad
 Norms (``rms_norm``, ``layer_norm``) and attention (``scaled_dot_product_attention``) stay
 whole: later passes match the former, and decomposing the latter would cost speed.
 
+The bodies of higher-order ops (an activation-checkpointed layer's subgraph) are traced to
+the same ATen, and stay bodies of the same ops (:mod:`.subgraphs`).
+
 ``torch.export`` programs go through the same trace (:func:`normalise_exported`), so one set
 of matchers and patterns serves both entry points.
 """
@@ -30,8 +33,10 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-__all__ = ["DECOMPOSED", "dedupe_views", "normalise", "normalise_exported", "output_specs",
-           "trace_normalised"]
+from .subgraphs import checkpoint_policies_for_tracing
+
+__all__ = ["CASTS", "DECOMPOSED", "dedupe_views", "has_autocast_region", "normalise",
+           "normalise_exported", "output_specs", "trace_normalised"]
 
 aten = torch.ops.aten
 
@@ -43,11 +48,18 @@ DECOMPOSED = ("linear", "matmul", "einsum", "bilinear", "tensordot", "to", "type
               "swapaxes", "swapdims", "movedim")
 
 
+#: Casts: decomposed to ``_to_copy`` (or nothing, when the dtype is already right) everywhere
+#: but in graphs with an autocast region, see :func:`has_autocast_region`.
+CASTS = ("to", "type_as")
+
+
 @functools.cache
-def _decomposition_table() -> dict[torch._ops.OpOverload, object]:
+def _decomposition_table(keep_casts: bool = False) -> dict[torch._ops.OpOverload, object]:
     table = {}
     composite = torch._C.DispatchKey.CompositeImplicitAutograd
     for name in DECOMPOSED:
+        if keep_casts and name in CASTS:
+            continue
         packet = getattr(aten, name)
         for overload in packet.overloads():
             op = getattr(packet, overload)
@@ -59,7 +71,25 @@ def _decomposition_table() -> dict[torch._ops.OpOverload, object]:
     return table
 
 
-def trace_normalised(fn, args: Sequence[object], **_: object) -> torch.fx.GraphModule:
+def has_autocast_region(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` enters autocast itself (``with torch.autocast(...)`` inside the compiled
+    code; Dynamo records the entry as a call of ``torch.amp.autocast_mode._enter_autocast``,
+    the only spelling it has).
+
+    In such a region the trace's fake values are those without autocast (its casts happen
+    when the graph runs), so a cast like ``y.float()`` of a value autocast makes bf16 would
+    look like a no-op and vanish if decomposed at trace time: those graphs keep their casts
+    as written (``aten.to``).
+    """
+    enter = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
+    return enter is not None and any(
+        node.op == "call_function" and node.target is enter
+        for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes)
+
+
+def trace_normalised(fn, args: Sequence[object], *, keep_casts: bool = False, **_: object
+                     ) -> torch.fx.GraphModule:
     """``fn`` traced on ``args`` (fake tensors, or real ones) to normalised pre-dispatch ATen.
 
     Also the tracer of the fusion patterns (:mod:`.fuse_norm`), so they are written in the
@@ -70,8 +100,8 @@ def trace_normalised(fn, args: Sequence[object], **_: object) -> torch.fx.GraphM
     from torch.fx.traceback import preserve_node_meta
 
     with preserve_node_meta():
-        return make_fx(fn, decomposition_table=_decomposition_table(), pre_dispatch=True)(
-            *args)
+        return make_fx(fn, decomposition_table=_decomposition_table(keep_casts),
+                       pre_dispatch=True)(*args)
 
 
 #: Ops whose result aliases their input: two calls with equal arguments are the same tensor,
@@ -139,14 +169,18 @@ def normalise(gm: torch.fx.GraphModule, example_inputs: Sequence[object]
 
     fakes = _fake_inputs(gm, example_inputs)
     fake_mode = detect_fake_mode([f for f in fakes if isinstance(f, torch.Tensor)])
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), checkpoint_policies_for_tracing(gm) as traced_graphs:
         warnings.simplefilter("ignore", FutureWarning)
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             # through an interpreter, so every new node keeps its source node's metadata
             # (stack trace, module stack)
-            traced = trace_normalised(torch.fx.Interpreter(gm).run, fakes)
-    dedupe_views(traced.graph)
-    traced.recompile()
+            traced = trace_normalised(torch.fx.Interpreter(gm).run, fakes,
+                                      keep_casts=has_autocast_region(gm))
+        traced_graphs.append(traced)
+    for module in traced.modules():  # the bodies of higher-order ops are traced too
+        if isinstance(module, torch.fx.GraphModule):
+            dedupe_views(module.graph)
+            module.recompile()
     return traced
 
 

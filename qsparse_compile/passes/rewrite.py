@@ -9,6 +9,16 @@ then ``int8_fake_quant`` for int8/bitnet; ``ternary_fake_quant(W)`` for bitnet).
 passed ``[out, in]`` (``aten.t`` of a ``Conv1D``-style ``[in, out]`` weight). Projections that
 read the same node with the same plan share one sparsify, so q/k/v and gate/up select once
 (unless an in-place write to it runs between them).
+
+Expert products (grouped, batched, per expert: :mod:`.projections`) keep their op: only their
+activation operand is replaced by its sparsified rows (and, for ``bitnet``, the expert weight
+by its ternary values, one scale for the whole 3-D tensor, viewed as before). Where the graph
+holds a mixture-of-experts block's router but none of its expert products (an experts
+implementation that runs them outside the compiled graphs, e.g. Hugging Face's
+``experts_implementation="eager"``, whose loop over the experts breaks the graph), the expert
+weights are recorded dense with a note, and a warning names them.
+
+Each projection's plan comes from its path and its role (``dense_roles``).
 """
 
 from __future__ import annotations
@@ -45,6 +55,10 @@ class RewrittenProjection:
     @property
     def path(self) -> str:
         return self.projection.path
+
+    @property
+    def role(self) -> str:
+        return self.projection.role
 
 
 def _weight_out_in(w, proj: Projection):
@@ -92,13 +106,15 @@ def _replace(gm: torch.fx.GraphModule, proj: Projection, plan: ProjectionPlan,
     graph.erase_node(node)
 
 
-def _resolve(proj: Projection, config: QSparseConfig):
+def _resolve(proj: Projection, config: QSparseConfig, weights: WeightTable):
     """The plan of ``proj``; for a tied weight whose product cannot be told apart, one that is
     safe for every module it may be: left dense if any of them is (an excluded head)."""
-    resolved = resolve_plan(proj.path, proj.in_features, config)
+    resolved = resolve_plan(proj.path, proj.in_features, config, role=proj.role)
     if len(proj.aliases) < 2:
         return resolved
-    plans = {p: resolve_plan(p, proj.in_features, config, warn=False) for p in proj.aliases}
+    roles = {p: proj.role if p == proj.path else weights.role(p) for p in proj.aliases}
+    plans = {p: resolve_plan(p, proj.in_features, config, warn=False, role=roles[p])
+             for p in proj.aliases}
     if len({r.plan for r in plans.values()}) == 1:
         return resolved
     dense = [p for p, r in plans.items() if r.plan.dense]
@@ -106,8 +122,67 @@ def _resolve(proj: Projection, config: QSparseConfig):
     warnings.warn(f"projection reading the weight shared by {', '.join(map(repr, plans))}: "
                   f"the graph does not say which module calls it, and their plans differ; "
                   f"planned as {chosen!r}", stacklevel=3)
-    proj.path = chosen
+    proj.path, proj.role = chosen, roles[chosen]
     return plans[chosen]
+
+
+def _replace_in_place(gm: torch.fx.GraphModule, proj: Projection, plan: ProjectionPlan,
+                      config: QSparseConfig, shared: dict[tuple, torch.fx.Node],
+                      replaced: dict[torch.fx.Node, torch.fx.Node]) -> None:
+    """Sparsify an expert product's activation operand (its rows), keeping the product."""
+    graph = gm.graph
+    node = proj.node
+    x = replaced.get(proj.x, proj.x)
+    with graph.inserting_before(node):
+        rows = x
+        if proj.weight_left and not proj.vector:  # W @ X: X's second-to-last dim is the input
+            rows = emit(graph, node, lambda t: aten.transpose.int(t, -1, -2), x)
+        key = (rows, plan.method, plan.sparsity, plan.block, plan.quant)
+        xs = shared.get(key)
+        if xs is not None and mutation_between(xs, node):
+            xs = None
+        if xs is None:
+            xs = emit(graph, node, lambda t: sparsify_input(t, plan, config, QSPARSE_OPS,
+                                                            proj.in_features), rows)
+            shared[key] = xs
+        if proj.weight_left and not proj.vector:
+            xs = emit(graph, node, lambda t: aten.transpose.int(t, -1, -2), xs)
+        if plan.quant == "bitnet":
+            # one scale for the whole expert weight, then the same views and picks as before
+            ternary = emit(graph, node, QSPARSE_OPS.ternary, proj.weight)
+            mapped = {proj.weight: ternary}
+            for view in proj.weight_chain:
+                mapped[view] = graph.node_copy(view, lambda a: mapped.get(a, a))
+            operand = proj.weight_chain[-1] if proj.weight_chain else proj.weight
+            node.replace_input_with(operand, mapped[operand])
+    node.replace_input_with(x, xs)
+
+
+_OUTSIDE = ("left dense: the graph holds this block's router but none of its expert "
+            "products (an experts implementation that runs them outside the compiled graphs, "
+            "e.g. experts_implementation='eager', whose loop over the experts breaks the "
+            "graph; 'grouped_mm' or 'batched_mm' compile)")
+
+
+def _experts_outside(found: list[Projection], weights: WeightTable) -> list[Projection]:
+    """Expert weights of the blocks whose router is in the graph but whose experts are not,
+    as dense projections (their ``node`` is the router's product, where the block begins)."""
+    present = {weights.expert_count(p.path).block for p in found
+               if p.experts and weights.expert_count(p.path) is not None}
+    out = []
+    for router in found:
+        block = weights.roles.routers.get(router.path)
+        if block is None or block in present:
+            continue
+        present.add(block)
+        for path, count in weights.roles.block_experts(block).items():
+            out.append(Projection(
+                node=router.node, x=router.node, weight=router.weight, weight_layout="out_in",
+                bias=None, path=path, aliases=(path,), in_features=count.in_features,
+                out_features=count.out_features, role=weights.role(path),
+                experts=count.num_experts, experts_per_token=count.experts_per_token,
+                in_place=True, unsupported=_OUTSIDE))
+    return out
 
 
 def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
@@ -121,14 +196,19 @@ def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
     records: list[RewrittenProjection] = []
     shared: dict[tuple, torch.fx.Node] = {}
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
-    for proj in unsupported_projections(gm, weights):
-        if not config.plan_for(proj.path).dense:
+    found = find_projections(gm, weights)
+    for proj in [*unsupported_projections(gm, weights), *_experts_outside(found, weights)]:
+        if not config.plan_for(proj.path, proj.role).dense:
             warnings.warn(f"projection {proj.path!r}: {proj.unsupported}", stacklevel=3)
         records.append(RewrittenProjection(proj, ProjectionPlan(None, None, None), None,
                                            proj.unsupported))
-    for proj in find_projections(gm, weights):
-        resolved = _resolve(proj, config)
+    for proj in found:
+        resolved = _resolve(proj, config, weights)
         records.append(RewrittenProjection(proj, resolved.plan, resolved.k, resolved.note))
-        if not resolved.plan.dense:
+        if resolved.plan.dense:
+            continue
+        if proj.in_place:
+            _replace_in_place(gm, proj, resolved.plan, config, shared, replaced)
+        else:
             _replace(gm, proj, resolved.plan, config, shared, replaced)
     return records

@@ -110,7 +110,8 @@ def rotate_projections(gm: torch.fx.GraphModule, weights: WeightTable, config: Q
     rotation_nodes: dict[tuple[int, torch.dtype], torch.fx.Node] = {}
     warned = False
     for proj in find_projections(gm, weights):
-        if config.plan_for(proj.path).method not in ("topk", "block") or proj.weight_left:
+        if proj.in_place or proj.weight_left or \
+                config.plan_for(proj.path, proj.role).method not in ("topk", "block"):
             continue
         group = rotations.group_of(proj.path)
         q = _check(proj, rotations, group)

@@ -10,6 +10,11 @@ graphs the passes rewrite say so in different ways, and this table hides the dif
   module a projection is called in comes from the program's ``nn_module_stack`` metadata
   (part of the export IR), so a tied head is still ``lm_head``;
 * ``GraphModule``s built by ``symbolic_trace``: ``get_attr`` nodes.
+
+The table also holds the projections' roles (:class:`~qsparse_compile.roles.ProjectionRoles`):
+read off the compiled root's module structure for Dynamo graphs, off the parameters' names and
+shapes for exported programs (where the compiler adds the graph's rule for the head), and off
+names alone otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.fx
 
+from ..roles import (
+    NAMES_ONLY,
+    ExpertCount,
+    ProjectionRoles,
+    projection_roles,
+    roles_from_parameters,
+)
 from .identity import ParameterNames
 
 __all__ = ["WeightTable", "path_of_name"]
@@ -42,12 +54,22 @@ class WeightTable:
                  values: Mapping[torch.fx.Node, torch.Tensor] | None = None,
                  paths: Mapping[torch.fx.Node, str] | None = None,
                  path_rule: PathRule | None = None,
-                 aliases: Mapping[torch.fx.Node, list[str]] | None = None):
+                 aliases: Mapping[torch.fx.Node, list[str]] | None = None,
+                 roles: ProjectionRoles | None = None):
         self._names = dict(names)
         self._values = dict(values or {})
         self._paths = dict(paths or {})
         self._path_rule = path_rule
         self._aliases = dict(aliases or {})
+        self.roles = roles if roles is not None else NAMES_ONLY
+
+    def role(self, path: str) -> str:
+        """The role of the projection at ``path`` (:meth:`ProjectionRoles.role`)."""
+        return self.roles.role(path)
+
+    def expert_count(self, path: str) -> ExpertCount | None:
+        """Experts held by the weight at ``path`` (None: not an expert weight)."""
+        return self.roles.expert_count(path)
 
     def is_weight(self, node: object) -> bool:
         return isinstance(node, torch.fx.Node) and node in self._names
@@ -126,7 +148,10 @@ class WeightTable:
                 if len(shared) > 1:
                     aliases[node] = shared
         table_names.update(_get_attrs(gm))
-        return cls(table_names, values, paths, aliases=aliases)
+        modules = [projection_roles(root, prefix) for prefix, root in names.roots.items()
+                   if isinstance(root, torch.nn.Module)]
+        roles = ProjectionRoles.merged(modules) if modules else NAMES_ONLY
+        return cls(table_names, values, paths, aliases=aliases, roles=roles)
 
     @classmethod
     def from_export(cls, ep: torch.export.ExportedProgram,
@@ -148,7 +173,9 @@ class WeightTable:
             stores = (ep.state_dict, ep.constants)
             tensors = {n: store[t] for n, t in names.items() for store in stores if t in store}
         names.update(_get_attrs(ep.graph_module))
-        table = cls(names, tensors)
+        shapes = {name: tuple(n.meta["val"].shape) for n, name in names.items()
+                  if isinstance(n.meta.get("val"), torch.Tensor)}
+        table = cls(names, tensors, roles=roles_from_parameters(shapes))
         table._path_rule = lambda weight, at: _export_path(at, table.name(weight))
         return table
 

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DEFAULT_EXCLUDE, topk_count
+from ..config import DEFAULT_DENSE_ROLES, DEFAULT_EXCLUDE, topk_count
 from ..modules import projection_modules
+from ..roles import projection_roles
 from ..rotations import RotationGroup
 from .calibration import Calibration, ProjectionInfo
 
@@ -142,7 +143,8 @@ def _run(model: nn.Module, batch: Any) -> None:
 
 
 def calibrate(model: nn.Module, batches: Sequence[Any], *, exclude: Iterable[str] =
-              DEFAULT_EXCLUDE, sample_rows: int = 256, seed: int = 0,
+              DEFAULT_EXCLUDE, dense_roles: Iterable[str] = DEFAULT_DENSE_ROLES,
+              sample_rows: int = 256, seed: int = 0,
               grid: Sequence[float] = DEFAULT_GRID, runner: nn.Module | None = None,
               progress: bool = False) -> Calibration:
     """Run ``batches`` through ``model`` (eager, no gradients) and calibrate its projections.
@@ -151,8 +153,12 @@ def calibrate(model: nn.Module, batches: Sequence[Any], *, exclude: Iterable[str
         model: any module; its ``nn.Linear`` (and ``Conv1D``) submodules are the projections.
         batches: a sequence of model inputs: a tensor (``model(t)``), a tuple (``model(*t)``)
             or a dict (``model(**d)``), e.g. ``{"input_ids": ids, "use_cache": False}``.
-        exclude: globs of module paths not calibrated (default: the output head); a
-            projection missing from the calibration cannot be rotated.
+        exclude: globs of module paths not calibrated (default: none); a projection missing
+            from the calibration cannot be rotated.
+        dense_roles: roles (:func:`qsparse_compile.roles.projection_roles`) not calibrated,
+            as the compiler leaves them dense (default: the output head and routers).
+            Expert weights (3-D, one matrix per expert) are never calibrated: their rows
+            are the tokens routed to each expert, not one shared input.
         sample_rows: rows (tokens) sampled per projection input for the loss-proxy curves
             (spread over the batches; kept out of the rotation fit).
         seed: seeds the row sample; the same model, batches and seed give the same
@@ -180,11 +186,15 @@ def calibrate(model: nn.Module, batches: Sequence[Any], *, exclude: Iterable[str
         raise ValueError(f"calibrate: grid must be ascending sparsities in [0, 1) starting "
                          f"at 0, got {list(grid)}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    dense_roles = (dense_roles,) if isinstance(dense_roles, str) else tuple(dense_roles)
+    roles = projection_roles(model)
     projections = {p.path: p for p in projection_modules(model)
-                   if not any(fnmatch.fnmatchcase(p.path, g) for g in exclude)}
+                   if not any(fnmatch.fnmatchcase(p.path, g) for g in exclude)
+                   and roles.role(p.path) not in dense_roles}
     if not projections:
         raise ValueError(f"calibrate: {type(model).__name__} has no projection "
-                         f"(nn.Linear / Conv1D) outside exclude={list(exclude)}")
+                         f"(nn.Linear / Conv1D) outside exclude={list(exclude)} and "
+                         f"dense_roles={list(dense_roles)}")
     runner = model if runner is None else runner
     if not any(m is runner for m in model.modules()):
         raise ValueError(f"calibrate: runner ({type(runner).__name__}) is not a submodule of "

@@ -19,17 +19,16 @@ architecture (for :class:`~qsparse_compile.models.TinyLlama`, ``hidden_act="relu
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from ..config import ProjectionPlan, QSparseConfig
-from ..modules import ProjectionModule, projection_modules
+from ..modules import all_projections
 from ..plan import resolve_plan
-from ..reference import sparsify_input, ternary_fake_quant
-from ..roles import role_of
+from ..reference import reference_model
+from ..roles import projection_roles
 
 __all__ = ["ProjectionSparsity", "SparsityMeasurement", "measure_sparsity"]
 
@@ -44,9 +43,12 @@ class ProjectionSparsity:
     out_features: int
     method: str  # "dense", "topk", "block n:m" or "relu"
     configured: float | None  # the plan's sparsity (None: data-dependent or dense)
-    governed: bool  # False when the config excludes it (the output head by default)
+    governed: bool  # False when excluded or of a dense role (the head, routers by default)
     zeros: int = 0
     elements: int = 0
+    #: an expert weight: experts held and read per token (0 / None for a plain projection)
+    experts: int = 0
+    experts_per_token: int | None = None
 
     @property
     def measured(self) -> float:
@@ -55,7 +57,9 @@ class ProjectionSparsity:
 
     @property
     def params(self) -> int:
-        return self.in_features * self.out_features
+        """Weights a token may read: the experts it reads times one expert's, for experts."""
+        read = (self.experts_per_token or self.experts) if self.experts else 1
+        return read * self.in_features * self.out_features
 
 
 @dataclasses.dataclass
@@ -122,9 +126,10 @@ def measure_sparsity(model: torch.nn.Module, batches: Iterable[Any],
     """Run ``model`` (eager) on ``batches`` under ``config`` and count input zeros.
 
     Args:
-        model: the eager module; its ``nn.Linear`` and ``Conv1D`` layers are the projections
-            (module paths as ``named_modules`` gives them, matched against the config's
-            globs).
+        model: the eager module; its projections are those of
+            :func:`qsparse_compile.modules.all_projections` (``nn.Linear``, ``Conv1D``,
+            routers, expert weights; paths matched against the config's globs, roles from
+            :func:`qsparse_compile.roles.projection_roles`).
         batches: model inputs: a tensor (``model(batch)``), a tuple (``model(*batch)``) or a
             mapping (``model(**batch)``) each.
         config: a :class:`QSparseConfig` or the options dict given to ``torch.compile``
@@ -137,36 +142,26 @@ def measure_sparsity(model: torch.nn.Module, batches: Iterable[Any],
     model's train/eval mode is left as it is.
     """
     config = QSparseConfig.from_options(config, **options)
-    records: list[ProjectionSparsity] = []
-    handles = []
-
-    def hook(record: ProjectionSparsity, plan: ProjectionPlan, proj: ProjectionModule):
-        def run(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = sparsify_input(inputs[0], plan, config)
-            record.zeros += int((x == 0).sum())
-            record.elements += x.numel()
-            weight = proj.weight_out_in()
-            if plan.quant == "bitnet":
-                weight = ternary_fake_quant(weight)
-            return torch.nn.functional.linear(x, weight, proj.bias)
-        return run
-
-    for proj in projection_modules(model):
+    roles = projection_roles(model)
+    records: dict[str, ProjectionSparsity] = {}
+    for proj in all_projections(model):
+        role = roles.role(proj.path)
         # block patterns that do not divide the width: not sparsified, as the pass does
-        plan = resolve_plan(proj.path, proj.in_features, config, warn=False).plan
-        record = ProjectionSparsity(
-            path=proj.path, role=role_of(proj.path), in_features=proj.in_features,
+        plan = resolve_plan(proj.path, proj.in_features, config, warn=False, role=role).plan
+        records[proj.path] = ProjectionSparsity(
+            path=proj.path, role=role, in_features=proj.in_features,
             out_features=proj.out_features, method=_method_name(plan),
             configured=plan.sparsity if plan.method in ("topk", "block") else None,
-            governed=not any(fnmatch.fnmatchcase(proj.path, g) for g in config.exclude),
-        )
-        records.append(record)
-        handles.append(proj.module.register_forward_hook(hook(record, plan, proj)))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                _call(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return SparsityMeasurement(records)
+            governed=config.governs(proj.path, role),
+            experts=proj.experts, experts_per_token=proj.experts_per_token)
+
+    def observe(path: str, x: torch.Tensor) -> None:
+        record = records[path]
+        record.zeros += int((x == 0).sum())
+        record.elements += x.numel()
+
+    # the oracle computes every projection (sparsified input, ternary weights for bitnet)
+    with torch.no_grad(), reference_model(model, config, observe=observe):
+        for batch in batches:
+            _call(model, batch)
+    return SparsityMeasurement(list(records.values()))
