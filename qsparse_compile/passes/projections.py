@@ -130,31 +130,6 @@ def _is_activation(node: object, weights: WeightTable) -> bool:
     return isinstance(node, torch.fx.Node) and trace_dims(node, weights.is_weight) is None
 
 
-def _match(node: torch.fx.Node, weights: WeightTable):
-    """(x, traced weight, weight_left, bias, x_arg, weight_arg) if ``node`` is a projection."""
-    args = arguments(node)
-    if node.target is aten.mv.default:
-        left = _weight_side(args["self"], weights, False)
-        if left is not None and _is_activation(args["vec"], weights):
-            return args["vec"], left, True, None, "vec", "self"
-        return None
-    if node.target is aten.addmm.default:
-        if args["beta"] != 1 or args["alpha"] != 1:
-            return None
-        a_arg, b_arg, bias = "mat1", "mat2", args["self"]
-    else:
-        a_arg, b_arg, bias = "self", "mat2", None
-    a, b = args[a_arg], args[b_arg]
-    batch = node.target is aten.bmm.default
-    right = _weight_side(b, weights, batch)
-    if right is not None and _is_activation(a, weights):
-        return a, right, False, bias, a_arg, b_arg
-    left = _weight_side(a, weights, batch)
-    if left is not None and _is_activation(b, weights) and bias is None:
-        return b, left, True, None, b_arg, a_arg
-    return None
-
-
 def _expert_side(operand: object, weights: WeightTable, batch: bool) -> Traced | None:
     """The 3-D expert weight behind a product operand: one expert selected (2-D operand, or
     broadcast over a batch), gathered per row (batch dim :data:`GATHERED`) or batched over the
@@ -181,12 +156,14 @@ def _is_expert_activation(node: object, weights: WeightTable) -> bool:
         node, weights.is_weight, experts=True) is None
 
 
-def _match_expert(node: torch.fx.Node, weights: WeightTable):
-    """As :func:`_match`, for a product reading an expert weight (see the module docstring)."""
+def _match_products(node: torch.fx.Node, weights: WeightTable, side, is_activation):
+    """(x, traced weight, weight_left, bias, x_arg, weight_arg) if ``node`` is a product of an
+    activation and the weight ``side(operand, weights, batch)`` finds behind the other
+    operand (``is_activation(operand, weights)``: the operand is not one)."""
     args = arguments(node)
     if node.target is aten.mv.default:
-        left = _expert_side(args["self"], weights, False)
-        if left is not None and _is_expert_activation(args["vec"], weights):
+        left = side(args["self"], weights, False)
+        if left is not None and is_activation(args["vec"], weights):
             return args["vec"], left, True, None, "vec", "self"
         return None
     if node.target is aten.addmm.default:
@@ -196,13 +173,23 @@ def _match_expert(node: torch.fx.Node, weights: WeightTable):
     else:
         a_arg, b_arg, bias = "self", "mat2", None
     batch = node.target is aten.bmm.default
-    right = _expert_side(args[b_arg], weights, batch)
-    if right is not None and _is_expert_activation(args[a_arg], weights):
+    right = side(args[b_arg], weights, batch)
+    if right is not None and is_activation(args[a_arg], weights):
         return args[a_arg], right, False, bias, a_arg, b_arg
-    left = _expert_side(args[a_arg], weights, batch)
-    if left is not None and _is_expert_activation(args[b_arg], weights) and bias is None:
+    left = side(args[a_arg], weights, batch)
+    if left is not None and is_activation(args[b_arg], weights) and bias is None:
         return args[b_arg], left, True, None, b_arg, a_arg
     return None
+
+
+def _match(node: torch.fx.Node, weights: WeightTable):
+    """A projection on a 2-D weight (see :func:`_match_products`)."""
+    return _match_products(node, weights, _weight_side, _is_activation)
+
+
+def _match_expert(node: torch.fx.Node, weights: WeightTable):
+    """As :func:`_match`, for a product reading an expert weight (see the module docstring)."""
+    return _match_products(node, weights, _expert_side, _is_expert_activation)
 
 
 def grouped_products() -> dict[object, tuple[str, str]]:
