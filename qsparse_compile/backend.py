@@ -37,6 +37,7 @@ from .options import CompileOptions
 from .passes import GraphResult, PassManager, WeightTable
 from .passes.constants import ExtraInputs
 from .passes.identity import ParameterNames, compiled_call, compiled_module, roots_for
+from .passes.manager import RootProjection
 from .passes.normalise import normalise
 from .passes.subgraphs import unrewritten_weights
 from .rotations import as_rotations
@@ -48,16 +49,25 @@ def _unnamed_parameters(example_inputs: list, names: ParameterNames) -> int:
     return sum(isinstance(x, torch.nn.Parameter) and x not in names for x in example_inputs)
 
 
-def _check_globs(options: CompileOptions, names: ParameterNames) -> None:
+def _root_projections(names: ParameterNames) -> list[RootProjection]:
+    """Every projection of the compiled root(s), paths as the records name them."""
+    out = []
+    for prefix, root in names.roots.items():
+        if not isinstance(root, torch.nn.Module):
+            continue
+        for p in all_projections(root):
+            path = f"{prefix}.{p.path}" if prefix and p.path else prefix or p.path
+            out.append(RootProjection(path, p.in_features, p.out_features, p.experts,
+                                      p.experts_per_token))
+    return out
+
+
+def _check_globs(options: CompileOptions, names: ParameterNames,
+                 projections: list[RootProjection]) -> None:
     """Warn (``strict``: raise) about override / exclusion globs no projection of the compiled
     root(s) matches: a setting that silently does not apply."""
-    paths = []
-    for prefix, root in names.roots.items():
-        if isinstance(root, torch.nn.Module):
-            paths += [f"{prefix}.{p.path}" if prefix and p.path else prefix or p.path
-                      for p in all_projections(root)]
-        else:
-            paths.append(prefix)
+    paths = [p.path for p in projections]
+    paths += [prefix for prefix, root in names.roots.items() if isinstance(root, torch.Tensor)]
     if paths:
         kinds = sorted({type(r).__name__ for r in names.roots.values()})
         check_globs(options.config, paths, where=f"backend 'qsparse' ({', '.join(kinds)})")
@@ -93,7 +103,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
             f"callable reads (compiled: {type(getattr(call, 'callable', None)).__name__}); the "
             f"projections reading them are left dense, since their paths are unknown",
             stacklevel=2)
-    _check_globs(options, names)
+    projections = _root_projections(names)
+    _check_globs(options, names, projections)
     graph = normalise(gm, example_inputs)
     weights = WeightTable.for_dynamo(graph, example_inputs, names)
     constants = ExtraInputs(graph, example_inputs)
@@ -102,6 +113,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         options.calibration, "option 'calibration'")
     result = PassManager(options, rotations).run(graph, weights, constants, inference)
     result.constants = constants.by_name()
+    result.model_projections = tuple(projections)
     _warn_unrewritten(graph, weights, names, result)
     if results is not None:
         results.append(result)

@@ -18,6 +18,7 @@ weights the sparse products read (``activated_params``, also multiply-adds per t
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -179,7 +180,29 @@ def compiled_report(compiled: Any) -> Report | None:
         records = records_of(compiled)
     if records is None or not records.graphs:
         return None
-    return rows_from_records(records.projections(), records.rotations())
+    seen = records.projections()
+    report = rows_from_records(seen, records.rotations())
+    unseen = unseen_projections(records.graphs, seen)
+    if not unseen:
+        return report
+    warnings.warn(
+        f"report: {len(unseen)} projection(s) of the compiled model are in no compiled graph "
+        f"(they ran outside the graphs Dynamo captured, so they stayed dense): "
+        f"{', '.join(p.path for p in unseen[:8])}{' ...' if len(unseen) > 8 else ''}",
+        stacklevel=3)
+    dense = ProjectionPlan(None, None, None)
+    return Report([*report, *(projection_row(
+        p.path, p.in_features, p.out_features, dense, None,
+        "in no compiled graph: ran uncompiled, dense", None, p.experts, p.experts_per_token)
+        for p in unseen)])
+
+
+def unseen_projections(graphs: Iterable[Any], seen: Iterable[RewrittenProjection]) -> list:
+    """The compiled root's projections (``GraphResult.model_projections``) that no record
+    names: modules the compiled graphs never read."""
+    names = {p for r in seen for p in (r.path, *r.projection.aliases)}
+    candidates = {p.path: p for g in graphs for p in g.model_projections}
+    return [p for path, p in candidates.items() if path not in names]
 
 
 def report(model_or_program: Any, *example_args: Any, config: QSparseConfig | None = None,

@@ -190,3 +190,31 @@ def test_rejects_other_objects():
         qc.report("model", sparsity=0.5)
     with pytest.raises(ValueError, match="'method'.*'blok'"):
         qc.report(_tiny_llama(), method="blok")
+
+
+class _PartlyEager(torch.nn.Module):
+    """``b`` runs in a function Dynamo is told to skip: it is in no compiled graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(32, 32)
+        self.b = torch.nn.Linear(32, 32)
+
+    @torch._dynamo.disable
+    def eager_part(self, x):
+        return self.b(x)
+
+    def forward(self, x):
+        return self.eager_part(self.a(x))
+
+
+def test_a_projection_no_compiled_graph_read_is_reported_dense_with_a_warning():
+    compiled = torch.compile(_PartlyEager(), backend="qsparse",
+                             options={"sparsity": 0.5, "inner": "eager"})
+    compiled(torch.randn(4, 32))
+    with pytest.warns(UserWarning, match=r"1 projection\(s\) .* no compiled graph.*: b$"):
+        rows = qc.report(compiled)
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["a"]["method"] == "topk"
+    assert by_path["b"]["method"] == "dense" and "no compiled graph" in by_path["b"]["note"]
+    assert rows.totals["projections"] == 2

@@ -54,7 +54,19 @@ from .subgraphs import SubgraphCall, walk_bodies
 from .triton_lowering import retarget_to_triton
 from .weights import WeightTable
 
-__all__ = ["GraphResult", "PassManager", "clean_up"]
+__all__ = ["GraphResult", "PassManager", "RootProjection", "autocast_in_effect", "clean_up"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RootProjection:
+    """A projection of the compiled root as its module tree shows it (whether or not a graph
+    reads it): what a report lists when no graph saw it."""
+
+    path: str
+    in_features: int
+    out_features: int
+    experts: int = 0
+    experts_per_token: int | None = None
 
 
 @dataclasses.dataclass
@@ -78,6 +90,9 @@ class GraphResult:
         graph: the graph as the inner compiler receives it.
         constants: placeholder name -> tensor, for the constants the passes added (prepared
             weights, rotations), where the graph takes them as extra inputs.
+        model_projections: every projection of the compiled root(s), found by walking their
+            modules (the backend sets it): those no graph's records name ran outside the
+            compiled graphs.
     """
 
     records: list[RewrittenProjection]
@@ -90,6 +105,7 @@ class GraphResult:
     after: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     graph: torch.fx.GraphModule | None = None
     constants: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    model_projections: tuple[RootProjection, ...] = ()
 
     def count(self, name: str) -> int:
         """What pass ``name`` changed (0 when it did not run)."""
