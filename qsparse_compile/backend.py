@@ -62,6 +62,14 @@ def _root_projections(names: ParameterNames) -> list[RootProjection]:
     return out
 
 
+def _compiles_a_module(call: Any) -> bool:
+    """Whether what was compiled is a module (``torch.compile(module)``, ``module.compile()``)
+    or one of its methods (``torch.compile(module.forward)``), not a free function."""
+    fn = getattr(call, "callable", None)
+    return compiled_module() is not None or isinstance(fn, torch.nn.Module) or isinstance(
+        getattr(fn, "__self__", None), torch.nn.Module)
+
+
 def _check_globs(options: CompileOptions, names: ParameterNames,
                  projections: list[RootProjection]) -> None:
     """Warn (``strict``: raise) about override / exclusion globs no projection of the compiled
@@ -113,7 +121,10 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         options.calibration, "option 'calibration'")
     result = PassManager(options, rotations).run(graph, weights, constants, inference)
     result.constants = constants.by_name()
-    result.model_projections = tuple(projections)
+    if _compiles_a_module(call):
+        # a compiled function may read part of a model only: its other projections are not
+        # missing from its graphs
+        result.model_projections = tuple(projections)
     _warn_unrewritten(graph, weights, names, result)
     if results is not None:
         results.append(result)

@@ -186,14 +186,15 @@ def compiled_report(compiled: Any) -> Report | None:
     if not unseen:
         return report
     warnings.warn(
-        f"report: {len(unseen)} projection(s) of the compiled model are in no compiled graph "
-        f"(they ran outside the graphs Dynamo captured, so they stayed dense): "
+        f"report: {len(unseen)} projection(s) of the compiled model are read by no compiled "
+        f"graph (they ran outside the graphs Dynamo captured, dense, or did not run): "
         f"{', '.join(p.path for p in unseen[:8])}{' ...' if len(unseen) > 8 else ''}",
         stacklevel=3)
     dense = ProjectionPlan(None, None, None)
     return Report([*report, *(projection_row(
         p.path, p.in_features, p.out_features, dense, None,
-        "in no compiled graph: ran uncompiled, dense", None, p.experts, p.experts_per_token)
+        "read by no compiled graph: ran uncompiled (dense), or not at all", None, p.experts,
+        p.experts_per_token)
         for p in unseen)])
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hf_models import HF_MODELS, token_ids
 
 import qsparse_compile
-from qsparse_compile.reference import reference_model
+from qsparse_compile.reference import reference_model, topk_sparsify
 
 OPTIONS = {"sparsity": 0.5}
 BF16 = torch.bfloat16
@@ -115,3 +115,36 @@ def test_no_decode_lowering_under_autocast():
             expected = model(ids, use_cache=False).logits
     assert backend.results[0].count("cpu_decode") == 0
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+class _CastWeightBesideARegion(torch.nn.Module):
+    """A weight cast (``W.to(x.dtype)``) in a graph that also has an autocast region."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(32, 32))
+        self.out = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = F.linear(x, self.w.to(x.dtype))
+        with torch.autocast("cpu", enabled=False):  # keeps one op in fp32, casts nothing
+            h = torch.softmax(h.float(), -1)
+        return self.out(h)
+
+
+def test_a_weight_cast_in_a_graph_with_an_autocast_region_is_still_a_projection():
+    model = _CastWeightBesideARegion().eval()
+    x = torch.randn(1, 32)
+    backend = qsparse_compile.Backend(OPTIONS, inner="eager")
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend)(x)
+        h = torch.softmax(F.linear(topk_sparsify(x, 16, "none", True), model.w), -1)
+        expected = model.out.bias + F.linear(topk_sparsify(h, 16, "none", True),
+                                             model.out.weight)
+    sparse = sorted(r.path for r in backend.results[0].records if r.plan.sparse)
+    assert sparse == ["out", "w"]
+    # a region that turns autocast off is not autocast: the decode lowering still runs
+    assert not backend.results[0].autocast
+    assert backend.results[0].count("cpu_decode") >= 1
+    torch.testing.assert_close(got, expected)

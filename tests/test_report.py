@@ -218,3 +218,14 @@ def test_a_projection_no_compiled_graph_read_is_reported_dense_with_a_warning():
     assert by_path["a"]["method"] == "topk"
     assert by_path["b"]["method"] == "dense" and "no compiled graph" in by_path["b"]["note"]
     assert rows.totals["projections"] == 2
+
+
+def test_a_compiled_function_reading_part_of_a_model_reports_no_missing_projection():
+    model = _PartlyEager()
+    compiled = torch.compile(lambda x: model.a(x), backend="qsparse",
+                             options={"sparsity": 0.5, "inner": "eager"})
+    compiled(torch.randn(4, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        rows = qc.report(compiled)
+    assert [r["path"] for r in rows] == ["a"]

@@ -34,7 +34,11 @@ __all__ = ["AUTOCAST_DEVICES", "CAST_OPS"]
 #: ops whose floating operands are cast to the autocast dtype (and which then run as usual)
 CAST_OPS = ("sparse_linear", "block_sparse_linear", "topk_sparsify", "block_sparsify",
             "topk_mask", "block_mask", "int8_fake_quant", "ternary_fake_quant")
-AUTOCAST_DEVICES = ("cpu", "cuda")
+#: device type -> the dispatcher's autocast key for it (those this PyTorch has are registered)
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU",
+                  "mps": "AutocastMPS", "hpu": "AutocastHPU", "mtia": "AutocastMTIA",
+                  "xla": "AutocastXLA", "privateuseone": "AutocastPrivateUse1"}
+AUTOCAST_DEVICES = tuple(_AUTOCAST_KEYS)
 
 _LIBRARY = torch.library.Library("qsparse", "IMPL")
 
@@ -69,10 +73,10 @@ def _norm_sparsify_under_autocast(x, norm, weight, bias, eps, k, n, m, rescale, 
 
 
 def _register() -> None:
-    for device_type in AUTOCAST_DEVICES:
-        if not torch.amp.is_autocast_available(device_type):
+    for device_type, key in _AUTOCAST_KEYS.items():
+        if not torch.amp.is_autocast_available(device_type) \
+                or not hasattr(torch._C.DispatchKey, key):
             continue
-        key = "AutocastCUDA" if device_type == "cuda" else "AutocastCPU"
         for name in CAST_OPS:
             op = getattr(torch.ops.qsparse, name).default
             _LIBRARY.impl(name, _casting_kernel(op, device_type), key)

@@ -30,9 +30,12 @@ _SPARSE_LINEARS = (torch.ops.qsparse.sparse_linear.default,
 
 
 def projection_devices(gm: torch.fx.GraphModule) -> set[str]:
-    """Device types of the weights the graph's ``qsparse`` projections read (from fake values)."""
+    """Device types of the weights the graph's ``qsparse`` projections read (from fake values),
+    those in the bodies of its higher-order ops (checkpointed layers) included."""
     devices = set()
-    for node in gm.graph.nodes:
+    nodes = (node for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+             for node in module.graph.nodes)
+    for node in nodes:
         if is_call(node, *_SPARSE_LINEARS):
             meta = tensor_meta(arguments(node)["weight"])
             if meta is not None:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
+from ..ops.autocast import AUTOCAST_DEVICES
 from ..options import CompileOptions
 from ..rotations import Rotations
 from .block_prefill import use_block_sparse_linear
@@ -140,7 +141,7 @@ def autocast_in_effect(gm: torch.fx.GraphModule) -> bool:
     """Whether ``gm`` runs under autocast: entered around the compiled call (Dynamo guards on
     that state, so the graph only runs under it) or inside the graph."""
     around = any(torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d)
-                 for d in ("cpu", "cuda"))
+                 for d in AUTOCAST_DEVICES)
     return around or has_autocast_region(gm)
 
 
@@ -183,10 +184,12 @@ class PassManager:
         # the bodies of higher-order ops (checkpointed layers) take the graph passes first
         for call, table in walk_bodies(gm, weights):
             inside = self._body_passes(call, table, step)
-            if self.rotations is not None and inside:
+            rotated = [r for r in inside if self.rotations is not None and r.plan.sparse
+                       and self.rotations.group_of(r.path) is not None]
+            if rotated:
                 raise ValueError(
                     f"option 'calibration': projections inside a {call.kind} region "
-                    f"({', '.join(r.path for r in inside[:3])}) cannot be rotated; compile "
+                    f"({', '.join(r.path for r in rotated[:3])}) cannot be rotated; compile "
                     f"without activation checkpointing there, or without the calibration")
             result.records += inside
         if config.relu2_glu:

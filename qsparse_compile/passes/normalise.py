@@ -71,21 +71,30 @@ def _decomposition_table(keep_casts: bool = False) -> dict[torch._ops.OpOverload
     return table
 
 
-def has_autocast_region(gm: torch.fx.GraphModule) -> bool:
+def has_autocast_region(gm: torch.fx.GraphModule, enabled_only: bool = True) -> bool:
     """Whether ``gm`` enters autocast itself (``with torch.autocast(...)`` inside the compiled
     code; Dynamo records the entry as a call of ``torch.amp.autocast_mode._enter_autocast``,
     the only spelling it has).
 
     In such a region the trace's fake values are those without autocast (its casts happen
     when the graph runs), so a cast like ``y.float()`` of a value autocast makes bf16 would
-    look like a no-op and vanish if decomposed at trace time: those graphs keep their casts
-    as written (``aten.to``).
+    look like a no-op and vanish if decomposed at trace time: those graphs keep every cast
+    (as ``_to_copy``, :func:`casts_as_copies`). ``enabled_only``: count only regions that turn
+    autocast on.
     """
     enter = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
     return enter is not None and any(
         node.op == "call_function" and node.target is enter
+        and (not enabled_only or _region_enabled(node))
         for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
         for node in module.graph.nodes)
+
+
+def _region_enabled(enter: torch.fx.Node) -> bool:
+    """Whether an ``_enter_autocast(device, dtype, enabled, cache)`` turns autocast on (a
+    region that turns it off, to keep one op in fp32, casts nothing)."""
+    enabled = enter.args[2] if len(enter.args) > 2 else enter.kwargs.get("enabled", True)
+    return enabled is not False
 
 
 def trace_normalised(fn, args: Sequence[object], *, keep_casts: bool = False, **_: object
@@ -174,14 +183,40 @@ def normalise(gm: torch.fx.GraphModule, example_inputs: Sequence[object]
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             # through an interpreter, so every new node keeps its source node's metadata
             # (stack trace, module stack)
+            keep_casts = has_autocast_region(gm, enabled_only=False)
             traced = trace_normalised(torch.fx.Interpreter(gm).run, fakes,
-                                      keep_casts=has_autocast_region(gm))
+                                      keep_casts=keep_casts)
         traced_graphs.append(traced)
     for module in traced.modules():  # the bodies of higher-order ops are traced too
         if isinstance(module, torch.fx.GraphModule):
+            if keep_casts:
+                casts_as_copies(module.graph)
             dedupe_views(module.graph)
             module.recompile()
     return traced
+
+
+def casts_as_copies(graph: torch.fx.Graph) -> int:
+    """Every kept ``aten.to`` with an explicit dtype becomes ``_to_copy``, the one spelling of a
+    cast the passes read (a weight cast ``W.to(x.dtype)`` stays a projection's cast); a copy
+    where ``to`` would have returned its input is the same value. Returns how many."""
+    from .node_args import arguments
+
+    targets = (aten.to.dtype, aten.to.dtype_layout)
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        args = arguments(node)
+        kwargs = {name: args[name] for name in ("dtype", "layout", "device")
+                  if args.get(name) is not None}
+        with graph.inserting_before(node):
+            copy_node = graph.call_function(aten._to_copy.default, (args["self"],), kwargs)
+        copy_node.meta = dict(node.meta)
+        node.replace_all_uses_with(copy_node)
+        graph.erase_node(node)
+        changed += 1
+    return changed
 
 
 def output_specs(gm: torch.fx.GraphModule, specs: list) -> list:

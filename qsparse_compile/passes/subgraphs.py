@@ -159,7 +159,7 @@ def checkpoint_policies_for_tracing(gm: torch.fx.GraphModule) -> Iterator[list]:
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     default = functools.partial(create_selective_checkpoint_contexts, _recompute_all)
-    added = [body for body in _checkpoint_bodies(gm) if _POLICY_KEY not in body.meta]
+    added = list({id(b): b for b in _checkpoint_bodies(gm) if _POLICY_KEY not in b.meta}.values())
     for body in added:
         body.meta[_POLICY_KEY] = default
     traced: list[torch.fx.GraphModule] = []
@@ -172,11 +172,11 @@ def checkpoint_policies_for_tracing(gm: torch.fx.GraphModule) -> Iterator[list]:
     finally:
         hop_log.setLevel(level)
         for body in added:
-            del body.meta[_POLICY_KEY]
+            body.meta.pop(_POLICY_KEY, None)
         for out in traced:
             for body in _checkpoint_bodies(out):
                 if body.meta.get(_POLICY_KEY) is default:
-                    del body.meta[_POLICY_KEY]
+                    body.meta.pop(_POLICY_KEY, None)
 
 
 def unrewritten_weights(gm: torch.fx.GraphModule, weights: WeightTable,
@@ -186,8 +186,8 @@ def unrewritten_weights(gm: torch.fx.GraphModule, weights: WeightTable,
     no record has (``found``): read by a product or a HOP the passes do not take.
 
     ``is_projection_weight(tensor)`` says whether a weight belongs to a projection module.
-    A weight only an embedding lookup reads (a tied head's weight in a graph without the
-    head) is not a projection read.
+    Only reads by a product or by a HOP the passes do not enter count: a weight an embedding
+    lookup, a regulariser or a statistic reads is not a projection read.
     """
     missed = []
     tables = [(gm, weights)] + [(call.body, table) for call, table in walk_bodies(gm, weights)]
@@ -200,13 +200,27 @@ def unrewritten_weights(gm: torch.fx.GraphModule, weights: WeightTable,
             if value is None or not is_projection_weight(value):
                 continue
             paths = table.projection_paths(node, node)
-            if set(paths) & found or _only_embedded(node):
+            if set(paths) & found:
                 continue
-            users = list(node.users)
-            if users and all(u in known for u in users):
-                continue  # its body's placeholder stands for it, and is checked there
-            missed.append(paths[0])
+            # read by a product, or handed to a HOP whose body the passes do not read; other
+            # reads (a regulariser, a statistic, an embedding lookup) are not projections
+            if any(_is_product(u) or (_is_hop(u) and u not in known) for u in _uses(node)):
+                missed.append(paths[0])
     return sorted(set(missed))
+
+
+def _is_hop(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
+
+
+def _is_product(node: torch.fx.Node) -> bool:
+    name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+    return node.op == "call_function" and name in _PRODUCTS
+
+
+#: ATen products a weight may reach (the normalised spellings, and the grouped ones)
+_PRODUCTS = ("mm", "addmm", "bmm", "mv", "addmv", "baddbmm", "addbmm", "matmul", "linear",
+             "einsum", "_grouped_mm", "grouped_mm_fallback", "dot", "tensordot")
 
 
 _VIEWS = ("view", "t", "transpose", "permute", "expand", "unsqueeze", "_to_copy", "detach",
@@ -221,8 +235,3 @@ def _uses(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
             yield from _uses(user)
         else:
             yield user
-
-
-def _only_embedded(node: torch.fx.Node) -> bool:
-    users = list(_uses(node))
-    return bool(users) and all(u.target is torch.ops.aten.embedding.default for u in users)

@@ -162,8 +162,9 @@ def test_cond_branches_are_rewritten(sign):
     torch.testing.assert_close(got, expected)
 
 
-class _ReadsWeightElementwise(torch.nn.Module):
-    """``b``'s weight is read, but by no product: no pass can rewrite that."""
+class _MergedWeights(torch.nn.Module):
+    """``a`` and ``b``'s weights reach a product only through their own product (a merged
+    projection): no pass rewrites that."""
 
     def __init__(self):
         super().__init__()
@@ -171,11 +172,31 @@ class _ReadsWeightElementwise(torch.nn.Module):
         self.b = torch.nn.Linear(32, 32)
 
     def forward(self, x):
-        return self.a(x) * self.b.weight.sum()
+        return x @ (self.a.weight @ self.b.weight).t()
 
 
 def test_a_projection_weight_no_pass_rewrote_is_named_in_a_warning():
-    compiled = torch.compile(_ReadsWeightElementwise(), backend="qsparse",
+    compiled = torch.compile(_MergedWeights(), backend="qsparse",
                              options={**OPTIONS, "inner": "eager"})
-    with pytest.warns(UserWarning, match=r"1 projection module\(s\).*stay dense: b$"):
+    with pytest.warns(UserWarning, match=r"2 projection module\(s\).*stay dense: a, b$"):
         compiled(torch.randn(4, 32))
+
+
+class _WeightReadAfterABreak(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        out = self.a(x).sum()
+        torch._dynamo.graph_break()
+        return out + (self.a.weight ** 2).sum()  # a regulariser: not a projection read
+
+
+def test_a_weight_read_by_no_product_is_not_warned_about():
+    compiled = torch.compile(_WeightReadAfterABreak(), backend="qsparse",
+                             options={**OPTIONS, "inner": "eager"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(4, 32))
+    assert not [w for w in caught if "qsparse" in str(w.message)]
