@@ -95,10 +95,12 @@ def _warn_unrewritten(graph: torch.fx.GraphModule, weights: WeightTable,
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions,
-                  results: list[GraphResult] | None = None) -> Callable:
+                  results: list[GraphResult] | None = None, *,
+                  check_globs: bool = True) -> Callable:
     """Rewrite and compile one Dynamo graph under ``options``; the backend's body.
 
-    ``results`` (a :class:`Backend`'s list) also receives the graph's :class:`GraphResult`.
+    ``results`` (a :class:`Backend`'s list) also receives the graph's :class:`GraphResult`;
+    ``check_globs=False`` skips the unmatched-glob check (made already, before compiling).
     """
     call = compiled_call()
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
@@ -112,7 +114,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
             f"projections reading them are left dense, since their paths are unknown",
             stacklevel=2)
     projections = _root_projections(names)
-    _check_globs(options, names, projections)
+    if check_globs:
+        _check_globs(options, names, projections)
     graph = normalise(gm, example_inputs)
     weights = WeightTable.for_dynamo(graph, example_inputs, names)
     constants = ExtraInputs(graph, example_inputs)
@@ -183,11 +186,15 @@ class Backend:
                  **more: Any):
         self.options = CompileOptions.parse(options, **more)
         self.results: list[GraphResult] = []
+        #: whether each graph checks the override / exclusion globs against the compiled
+        #: model (``compile_model`` checks them once, before compiling, and turns this off)
+        self.check_globs = True
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any
                  ) -> Callable:
         _check_mode(kwargs)
-        return compile_graph(gm, example_inputs, self.options, self.results)
+        return compile_graph(gm, example_inputs, self.options, self.results,
+                             check_globs=self.check_globs)
 
     def __repr__(self) -> str:
         shown = {k: (type(v).__name__ if k == "calibration" and v is not None

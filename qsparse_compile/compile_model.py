@@ -49,5 +49,6 @@ def compile_model(model: torch.nn.Module,
     backend = Backend(options, **more)
     check_globs(backend.options.config, [p.path for p in all_projections(model)],
                 where=f"compile_model({type(model).__name__})")
+    backend.check_globs = False  # checked here, against the whole model: once is enough
     model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     return backend

@@ -64,10 +64,15 @@ def test_option_errors_are_raised_before_compiling(options, error):
     assert not hasattr(model, "_compiled_call_impl") or model._compiled_call_impl is None
 
 
-def test_an_override_matching_no_projection_warns_with_the_nearest_paths():
+def test_an_override_matching_no_projection_warns_with_the_nearest_paths_once():
     model = HF_MODELS["llama"].build()
     with pytest.warns(UnmatchedGlobWarning, match=r"'layers\.0\.\*'.*model\.layers\.0\."):
-        qsparse_compile.compile_model(model, sparsity=0.5, overrides={"layers.0.*": None})
+        qsparse_compile.compile_model(model, sparsity=0.5, inner="eager",
+                                      overrides={"layers.0.*": None})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(token_ids(1, 8), use_cache=False)  # the graphs do not warn again
+    assert not [w for w in caught if issubclass(w.category, UnmatchedGlobWarning)]
 
 
 def test_strict_raises_for_a_glob_matching_no_projection():
