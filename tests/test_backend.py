@@ -14,9 +14,9 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hf_models import HF_MODELS, LAYERS, VOCAB, token_ids
 from op_counts import DENSE_PROJECTIONS, CountingBackend, dense_projections, without
+from training import next_token_loss, take_gradients
 
 from qsparse_compile.config import topk_count
 from qsparse_compile.reference import reference_model
@@ -60,10 +60,6 @@ def module_projection_paths(model: torch.nn.Module) -> list[str]:
     """Paths of the ``nn.Linear`` and ``Conv1D`` modules, by walking the model."""
     return [path for path, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
-
-
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
 # --- every attention and MLP projection, and nothing else ------------------------------------
@@ -216,12 +212,6 @@ def test_block_pattern_that_does_not_divide_raises_when_strict():
 # --- training -------------------------------------------------------------------------------
 
 
-def _gradients(model) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
 @pytest.mark.parametrize("ste", [True, False], ids=["ste", "masked-grad"])
 def test_training_gradients_match_reference(ste):
     model = HF_MODELS["llama"].build().train()
@@ -229,14 +219,14 @@ def test_training_gradients_match_reference(ste):
     options = {"sparsity": 0.5, "ste": ste}
     compiled, backend = compile_counting(model, options, fullgraph=True)
     next_token_loss(compiled(ids, use_cache=False).logits, ids).backward()
-    got = _gradients(model)
+    got = take_gradients(model)
     assert backend.after[0]["sparse_linear"] == 7 * LAYERS
 
     with reference_model(model, **options):
         next_token_loss(model(ids, use_cache=False).logits, ids).backward()
-    expected = _gradients(model)
+    expected = take_gradients(model)
     next_token_loss(model(ids, use_cache=False).logits, ids).backward()
-    dense = _gradients(model)
+    dense = take_gradients(model)
 
     assert got.keys() == expected.keys()
     for name in got:
@@ -254,11 +244,11 @@ def test_training_end_to_end_with_inductor():
     options = {"sparsity": 0.5}
     compiled, backend = compile_counting(model, options, inner="inductor")
     next_token_loss(compiled(ids), ids).backward()
-    got = _gradients(model)
+    got = take_gradients(model)
     assert backend.after[0]["sparse_linear"] == 7
     with reference_model(model, **options):
         next_token_loss(model(ids), ids).backward()
-    expected = _gradients(model)
+    expected = take_gradients(model)
     for name in got:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")

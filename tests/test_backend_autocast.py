@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_models import HF_MODELS, token_ids
+from training import next_token_loss, take_gradients
 
 import qsparse_compile
 from qsparse_compile.reference import reference_model, topk_sparsify
@@ -20,17 +21,6 @@ BF16 = torch.bfloat16
 
 def _autocast():
     return torch.autocast("cpu", dtype=BF16)
-
-
-def _loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           ids[:, 1:].reshape(-1))
-
-
-def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
@@ -59,15 +49,15 @@ def test_autocast_training_matches_the_reference():
     ids = token_ids(2, 12)
     compiled = torch.compile(model, backend="qsparse", options={**OPTIONS, "inner": "eager"})
     with _autocast():
-        loss = _loss(compiled(ids, use_cache=False).logits, ids)
+        loss = next_token_loss(compiled(ids, use_cache=False).logits, ids)
     loss.backward()
-    got = _gradients(model)
+    got = take_gradients(model)
     with _autocast(), reference_model(model, **OPTIONS):
-        expected_loss = _loss(model(ids, use_cache=False).logits, ids)
+        expected_loss = next_token_loss(model(ids, use_cache=False).logits, ids)
     expected_loss.backward()
-    expected = _gradients(model)
+    expected = take_gradients(model)
     with _autocast():
-        dense_loss = _loss(model(ids, use_cache=False).logits, ids)
+        dense_loss = next_token_loss(model(ids, use_cache=False).logits, ids)
     assert loss.item() == expected_loss.item() != dense_loss.item()
     assert got.keys() == expected.keys()
     for name in got:

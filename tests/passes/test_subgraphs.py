@@ -14,22 +14,13 @@ import torch
 import torch.nn.functional as F
 from hf_models import HF_MODELS, LAYERS, token_ids
 from torch.utils.checkpoint import checkpoint
+from training import next_token_loss, take_gradients
 
 import qsparse_compile
 from qsparse_compile.passes.subgraphs import subgraph_calls
 from qsparse_compile.reference import reference_model
 
 OPTIONS = {"sparsity": 0.5}
-
-
-def _loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 def _checkpointed_llama(use_reentrant: bool) -> torch.nn.Module:
@@ -44,15 +35,15 @@ def _bodies(backend: qsparse_compile.Backend) -> list:
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_checkpointed_llama_trains_sparse_with_reference_gradients(use_reentrant):
+def test_checkpointed_llama_trains_sparse_with_referencetake_gradients(use_reentrant):
     model = _checkpointed_llama(use_reentrant)
     ids = token_ids(2, 12)
     backend = qsparse_compile.Backend(OPTIONS, inner="eager")
     compiled = torch.compile(model, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no projection may be left unseen
-        _loss(compiled(ids, use_cache=False).logits, ids).backward()
-    got = _gradients(model)
+        next_token_loss(compiled(ids, use_cache=False).logits, ids).backward()
+    got = take_gradients(model)
 
     sparse = [r.path for result in backend.results for r in result.records if r.plan.sparse]
     assert sorted(sparse) == sorted(HF_MODELS["llama"].expected_paths())
@@ -65,10 +56,10 @@ def test_checkpointed_llama_trains_sparse_with_reference_gradients(use_reentrant
     assert len(inside) == 7 * LAYERS
 
     with reference_model(model, **OPTIONS):
-        _loss(model(ids, use_cache=False).logits, ids).backward()
-    expected = _gradients(model)
-    _loss(model(ids, use_cache=False).logits, ids).backward()
-    dense = _gradients(model)
+        next_token_loss(model(ids, use_cache=False).logits, ids).backward()
+    expected = take_gradients(model)
+    next_token_loss(model(ids, use_cache=False).logits, ids).backward()
+    dense = take_gradients(model)
     assert got.keys() == expected.keys()
     for name in got:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5,
@@ -100,7 +91,7 @@ def test_checkpointed_region_under_inductor_matches_reference():
     backend = qsparse_compile.Backend(OPTIONS)
     out = torch.compile(model, backend=backend)(x)
     out.square().sum().backward()
-    got = {**_gradients(model), "x": x.grad.clone()}
+    got = {**take_gradients(model), "x": x.grad.clone()}
     assert sorted(r.path for res in backend.results for r in res.records if r.plan.sparse) == \
         ["down", "out", "up"]
     assert len(_bodies(backend)) == 1
@@ -108,7 +99,7 @@ def test_checkpointed_region_under_inductor_matches_reference():
     x.grad = None
     with reference_model(model, **OPTIONS):
         model(x).square().sum().backward()
-    expected = {**_gradients(model), "x": x.grad.clone()}
+    expected = {**take_gradients(model), "x": x.grad.clone()}
     for name in got:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5)
 
