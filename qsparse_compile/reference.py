@@ -30,6 +30,8 @@ __all__ = [
     "block_sparsify",
     "int8_fake_quant",
     "ternary_fake_quant",
+    "int8_weight",
+    "int4_weight",
     "sparsify_input",
     "projection",
     "reference_model",
@@ -125,6 +127,38 @@ def ternary_fake_quant(w: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(w, (q * alpha).to(w.dtype), None, None)
 
 
+def int8_weight(w: torch.Tensor) -> torch.Tensor:
+    """Format ``"int8"`` of a ``[out, in]`` weight: one scale per output channel (row),
+    ``s = max(max|W[o, :]|, 1e-8) / 127``, values ``clamp(round(W / s), -127, 127) * s``;
+    straight-through."""
+    wf = w.detach().float()
+    s = wf.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
+    q = torch.clamp(torch.round(wf / s), -127, 127)
+    return _StraightThrough.apply(w, (q * s).to(w.dtype), None, None)
+
+
+def int4_weight(w: torch.Tensor) -> torch.Tensor:
+    """Format ``"int4"`` of a ``[out, in]`` weight: per row and group of 32 consecutive
+    input features (the last group may be shorter), ``m = min``, ``d = (max - m) / 15``, both
+    rounded to float16 as they are stored, ``q = clamp(round((W - m) / d), 0, 15)`` (0 where
+    ``d == 0``), values ``d * q + m``; straight-through."""
+    wf = w.detach().float()
+    out = torch.empty_like(wf)
+    for start in range(0, wf.shape[1], 32):
+        group = wf[:, start:start + 32]
+        low = group.amin(dim=1, keepdim=True)
+        d = ((group.amax(dim=1, keepdim=True) - low) / 15.0).to(torch.float16).float()
+        m = low.to(torch.float16).float()
+        q = torch.clamp(torch.round((group - m) / d), 0, 15)
+        q = torch.where(d == 0, torch.zeros_like(q), q)
+        out[:, start:start + 32] = d * q + m
+    return _StraightThrough.apply(w, out.to(w.dtype), None, None)
+
+
+#: The reference of each ``weights=`` format, for ``[out, in]`` weights.
+WEIGHT_FORMATS = {"int8": int8_weight, "int4": int4_weight}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Llama's RMSNorm: ``w * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)``."""
     xf = x.float()
@@ -182,6 +216,15 @@ class _ReferenceOps:
     def ternary(w):
         return ternary_fake_quant(autocast_operand(w))
 
+    @staticmethod
+    def weights(w, fmt, in_dim):
+        w = autocast_operand(w)
+        if in_dim == -2:
+            return WEIGHT_FORMATS[fmt](w.transpose(-1, -2)).transpose(-1, -2)
+        if w.dim() == 2:
+            return WEIGHT_FORMATS[fmt](w)
+        return WEIGHT_FORMATS[fmt](w.flatten(0, -2)).view(w.shape)
+
     relu = staticmethod(torch.relu)
     linear = staticmethod(torch.nn.functional.linear)
 
@@ -220,6 +263,8 @@ def _product(path: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         observe(path, xs)
     if plan.quant == "bitnet" and not ternary_done:
         weight = ternary_fake_quant(weight)
+    if plan.weights is not None and not ternary_done:
+        weight = REFERENCE_OPS.weights(weight, plan.weights, -1)
     return torch.nn.functional.linear(xs, weight, bias)
 
 
@@ -231,7 +276,8 @@ class _FunctionalProducts(TorchFunctionMode):
     router's weight read by ``F.linear``, a 3-D one an expert weight: picking an expert from it
     (``w[i]``) yields a tagged matrix, and ``F.linear(x, tagged)`` (``"out_in"``) or
     ``x @ tagged`` (``"in_out"``) sparsifies ``x``. For ``bitnet`` the whole expert weight is
-    made ternary before the pick (one scale per weight tensor, as the compiler does).
+    made ternary before the pick (one scale per weight tensor, as the compiler does); a weight
+    format applies per expert, output channel and group, also before the pick.
     """
 
     def __init__(self, weights: dict[int, tuple[str, ProjectionPlan, str]],
@@ -246,8 +292,11 @@ class _FunctionalProducts(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.__getitem__ and id(args[0]) in self.weights \
                 and args[0].dim() == 3:
-            path, plan, _ = self.weights[id(args[0])]
+            path, plan, layout = self.weights[id(args[0])]
             source = ternary_fake_quant(args[0]) if plan.quant == "bitnet" else args[0]
+            if plan.weights is not None:  # per expert, output channel and group
+                source = REFERENCE_OPS.weights(source, plan.weights,
+                                               -1 if layout == "out_in" else -2)
             out = func(source, *args[1:], **kwargs)
             if out.dim() == 2:  # one expert's matrix
                 self.picked[id(out)] = (out, path, plan)  # the tensor kept: its id stays unique

@@ -2,6 +2,7 @@
 
 Importing this package registers ``torch.ops.qsparse.*``: ``topk_mask``, ``block_mask``,
 ``topk_sparsify``, ``block_sparsify``, ``int8_fake_quant``, ``ternary_fake_quant``,
+``int8_weight_fake_quant``, ``int4_weight_fake_quant`` (the inference weight formats),
 ``sparse_linear``, ``block_sparse_linear`` (``sparse_linear`` on an input masked N:M, which
 CUDA may run as a 2:4 semi-structured product) and ``norm_sparsify`` (fused norm + sparsify +
 quant). Each has a CPU implementation, a fake (meta) implementation for tracing, and an
@@ -14,7 +15,12 @@ from .block_linear import block_sparse_linear
 from .linear import sparse_linear
 from .mask import block_mask, topk_mask
 from .norm_sparsify import norm_sparsify
-from .quant import int8_fake_quant, ternary_fake_quant
+from .quant import (
+    int4_weight_fake_quant,
+    int8_fake_quant,
+    int8_weight_fake_quant,
+    ternary_fake_quant,
+)
 from .sparsify import block_sparsify, topk_sparsify
 
 __all__ = [
@@ -24,6 +30,8 @@ __all__ = [
     "block_sparsify",
     "int8_fake_quant",
     "ternary_fake_quant",
+    "int8_weight_fake_quant",
+    "int4_weight_fake_quant",
     "sparse_linear",
     "block_sparse_linear",
     "norm_sparsify",

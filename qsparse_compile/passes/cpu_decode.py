@@ -47,7 +47,7 @@ import torch
 import torch.fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
-from ..codegen.cpu import topk_linear_op
+from ..codegen.cpu import packed_linear_op, topk_linear_op
 from ..codegen.cpu.cost_model import choose_sparse
 from ..codegen.cpu.topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES
 from ..config import QSparseConfig
@@ -75,14 +75,14 @@ __all__ = ["ROW_CANDIDATES", "lower_cpu_decode"]
 
 
 def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
-                     density: float) -> int:
+                     density: float, fmt: str | None = None) -> int:
     """Largest row count (of ``ROW_CANDIDATES``) for which the cost model picks the fused
     kernel over its fallback (the generic sparsify op + dense ``addmm``: what the group costs
     when the kernel does not pay, since the model must be sparsified either way); 0 when it
     never does. Stops at the first loss: more rows only widen the union of the masks."""
     best = 0
     for rows in ROW_CANDIDATES:
-        if not choose_sparse(in_features, out_features, rows, dtype, density):
+        if not choose_sparse(in_features, out_features, rows, dtype, density, fmt=fmt):
             break
         best = rows
     return best
@@ -96,41 +96,66 @@ def _prepared_weight(members: list[Member], dtype: torch.dtype) -> torch.Tensor:
         [m.weight if m.layout == "out_in" else m.weight.t() for m in members], "out_in", dtype)
 
 
+def _selection(x_node: torch.fx.Node, copies: bool, formats: bool):
+    """How the group's input was made: ``(x_in, sparsify, chain, quant, made)`` or None.
+
+    ``sparsify`` is the top-K / N:M node the input comes from, ``x_in`` that node's input and
+    ``chain`` the row-preserving views from it to ``x_node`` (replayed on ``x_in``); ``quant``:
+    an int8 quantizer follows the selection; ``made`` the nodes between ``x_in`` and
+    ``x_node``, last first (erased once unused). Without a sparsify (a projection whose input
+    is not sparsified, e.g. the output head with a weight format) ``sparsify`` is None. None:
+    the input is made some other way. Only weight-format groups (``formats``) take the
+    quantizer or no sparsify.
+    """
+    def selects(n):
+        return is_call(n, *SPARSIFY_OPS) or (
+            formats and is_call(n, qsparse.int8_fake_quant.default))
+
+    traced = feature_view(x_node, selects, copies=copies)
+    if traced is None:
+        return (x_node, None, [], False, []) if formats else None
+    source, chain, made = traced.source, list(traced.chain), [*reversed(traced.chain)]
+    quant = is_call(source, qsparse.int8_fake_quant.default)
+    if quant:
+        made.append(source)
+        inner = feature_view(arguments(source)["x"], lambda n: is_call(n, *SPARSIFY_OPS),
+                             copies=copies)
+        if inner is None:  # quantized, not sparsified
+            return arguments(source)["x"], None, chain, True, made
+        source, chain = inner.source, [*inner.chain, *chain]
+        made += reversed(inner.chain)
+    return arguments(source)["x"], source, chain, quant, [*made, source]
+
+
 def lower_cpu_decode(
     gm: torch.fx.GraphModule,
     weights: WeightTable,
     config: QSparseConfig,
     add_constant: AddConstant,
     *,
-    decide: Callable[[int, int, torch.dtype, float], int] | None = None,
+    decide: Callable[..., int] | None = None,
 ) -> int:
-    """Replace qualifying sparsify + projection groups of ``gm`` by ``cpu_topk_linear``.
+    """Replace qualifying sparsify + projection groups of ``gm`` by ``cpu_topk_linear``, or by
+    ``cpu_packed_linear`` where the weights take a format (``weights=``, ``quant="bitnet"``).
 
     Args:
         gm: an inference graph rewritten by :func:`~.rewrite.sparsify_graph` (and optionally
             shared by :func:`~.share_inputs.share_sparsify_inputs`); edited in place.
         weights: the graph's weight table; ``weights.value`` must give the real tensors.
-        config: the sparsity configuration the graph was rewritten with (``quant`` must be
-            None: quantized groups are never taken).
+        config: the sparsity configuration the graph was rewritten with.
         add_constant: how the prepared weights join the graph (:mod:`.constants`).
-        decide: ``(in_features, out_features, dtype, density) -> max_sparse_rows``; default
-            the measured cost model (largest of 1, 2, 4, 8 rows for which sparse wins).
+        decide: ``(in_features, out_features, dtype, density[, fmt]) -> max_sparse_rows``
+            (``fmt`` passed only for weight-format groups); default the measured cost model
+            (largest of 1, 2, 4, 8 rows for which the fused kernel wins).
 
     Returns:
         The number of groups replaced.
     """
-    if config.quant is not None:
-        return 0
     decide = decide or _max_sparse_rows
     graph = gm.graph
     copies = not graph_mutates(graph)
     replaced = 0
     for x_node in sparse_linear_inputs(graph):
-        traced = feature_view(x_node, lambda n: is_call(n, *SPARSIFY_OPS), copies=copies)
-        if traced is None:
-            continue
-        sparsify, chain = traced.source, traced.chain
-        sargs = arguments(sparsify)
         meta = tensor_meta(x_node)
         if meta is None or meta.dtype not in SUPPORTED_DTYPES or meta.dim() < 1:
             continue
@@ -138,31 +163,55 @@ def lower_cpu_decode(
         if rows is None or not 1 <= rows <= MAX_ROWS:
             continue
         members = group_members(weights, x_node,
-                                lambda t, dtype=meta.dtype: t.is_cpu and t.dtype == dtype)
-        if members is None or mutation_between(sparsify, members[0].node):
+                                lambda t, dtype=meta.dtype: t.is_cpu and t.dtype == dtype,
+                                formats=True)
+        if members is None:
+            continue
+        fmt = members[0].format
+        found = _selection(x_node, copies, fmt is not None)
+        if found is None:
+            continue
+        x_in, sparsify, chain, quant, made = found
+        if mutation_between(sparsify if sparsify is not None else x_node, members[0].node):
             continue  # (the selection moves to the product: nothing may write in between)
         D = int(meta.shape[-1])
-        if sparsify.target == qsparse.topk_sparsify.default:
-            k, n, m = sargs["k"], 0, 0
-            density = k / D
+        if sparsify is None:
+            k, n, m, rescale = D, 0, 0, False  # the whole row
+        elif sparsify.target == qsparse.topk_sparsify.default:
+            k, n, m, rescale = arguments(sparsify)["k"], 0, 0, arguments(sparsify)["rescale"]
         else:
-            k, n, m = 0, sargs["n"], sargs["m"]
-            density = n / m
+            sargs = arguments(sparsify)
+            k, n, m, rescale = 0, sargs["n"], sargs["m"], sargs["rescale"]
+        density = k / D if m == 0 else n / m
         total_out = sum(mb.out_features for mb in members)
-        max_rows = decide(D, total_out, meta.dtype, density)
+        max_rows = decide(D, total_out, meta.dtype, density) if fmt is None else \
+            decide(D, total_out, meta.dtype, density, fmt)
         if rows > max_rows:
             continue
+        like = sparsify if sparsify is not None else x_node
         with graph.inserting_before(members[0].node):
-            wt_node, b_node = prepared_constants(
-                add_constant, members, meta.dtype, sparsify,
-                lambda group, dtype=meta.dtype: _prepared_weight(group, dtype))
-            x_in = sargs["x"]
+            if fmt is None:
+                wt_node, b_node = prepared_constants(
+                    add_constant, members, meta.dtype, like,
+                    lambda group, dtype=meta.dtype: _prepared_weight(group, dtype))
+            else:
+                wt_node, b_node = prepared_constants(
+                    add_constant, members, meta.dtype, like,
+                    lambda group, fmt=fmt: packed_linear_op.prepare_packed_weight(
+                        [mb.weight if mb.layout == "out_in" else mb.weight.t()
+                         for mb in group], fmt))
             for view in chain:  # sparsify commutes with row-preserving views: view the input
                 x_in = insert_like(graph, view, self=x_in)
-            y = insert_op(graph, qsparse.cpu_topk_linear.default, {
-                "x": x_in, "k": k, "n": n, "m": m, "rescale": sargs["rescale"],
-                "weight_t": wt_node, "bias": b_node, "max_sparse_rows": max_rows},
-                members[0].node)
-            splice_group(graph, members, y, erase_after=[*reversed(chain), sparsify])
+            if fmt is None:
+                y = insert_op(graph, qsparse.cpu_topk_linear.default, {
+                    "x": x_in, "k": k, "n": n, "m": m, "rescale": rescale,
+                    "weight_t": wt_node, "bias": b_node, "max_sparse_rows": max_rows},
+                    members[0].node)
+            else:
+                y = insert_op(graph, qsparse.cpu_packed_linear.default, {
+                    "x": x_in, "k": k, "n": n, "m": m, "rescale": rescale, "quant": quant,
+                    "format": fmt, "out_features": total_out, "packed": wt_node,
+                    "bias": b_node, "max_sparse_rows": max_rows}, members[0].node)
+            splice_group(graph, members, y, erase_after=made)
         replaced += 1
     return replaced

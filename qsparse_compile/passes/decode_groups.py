@@ -31,6 +31,7 @@ from .node_args import arguments, is_call
 from .weights import WeightTable
 
 __all__ = [
+    "WEIGHT_FORMAT_OPS",
     "Member",
     "group_members",
     "k_major_weight",
@@ -39,6 +40,7 @@ __all__ = [
     "sparse_linear_inputs",
     "splice_group",
     "static_rows",
+    "weight_format",
 ]
 
 aten = torch.ops.aten
@@ -61,6 +63,28 @@ class Member:
     out_features: int
     weight_node: torch.fx.Node | None = None
     bias_node: torch.fx.Node | None = None
+    #: The weight's format, when the product reads it through a weight fake quantizer:
+    #: ``"int8"``, ``"int4"`` or ``"ternary"`` (``quant="bitnet"``); None: the weight itself.
+    format: str | None = None
+
+
+#: Weight fake quantizers a format lowering reads through, and the format each one means.
+WEIGHT_FORMAT_OPS = {
+    qsparse.int8_weight_fake_quant.default: "int8",
+    qsparse.int4_weight_fake_quant.default: "int4",
+    qsparse.ternary_fake_quant.default: "ternary",
+}
+
+
+def weight_format(node: object) -> tuple[str | None, object]:
+    """``(format, the quantizer's input)`` for a weight read through a weight fake quantizer
+    of a ``[out, in]`` operand, else ``(None, node)``."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+            node.target in WEIGHT_FORMAT_OPS:
+        args = arguments(node)
+        if args.get("in_dim", -1) == -1:
+            return WEIGHT_FORMAT_OPS[node.target], args["w"]
+    return None, node
 
 
 def _weight_of(weights: WeightTable, node: object
@@ -96,12 +120,15 @@ def sparse_linear_inputs(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 
 def group_members(weights: WeightTable, x_node: torch.fx.Node,
-                  accept: Callable[[torch.Tensor], bool]) -> list[Member] | None:
+                  accept: Callable[[torch.Tensor], bool],
+                  formats: bool = False) -> list[Member] | None:
     """The projections reading ``x_node``, if every user of it is one that qualifies.
 
     A projection qualifies when its weight (and bias) are real tensors, the weight used
     directly or through ``aten.t`` (Conv1D), and ``accept`` (the lowering's device and dtype
-    condition) holds for each of them.
+    condition) holds for each of them. With ``formats``, a weight read through one weight
+    fake quantizer (:data:`WEIGHT_FORMAT_OPS`) qualifies too, every member with the same one
+    (the Member's ``format``); ``accept`` then sees the weight before the quantizer.
     """
     members = []
     for user in x_node.users:
@@ -110,7 +137,8 @@ def group_members(weights: WeightTable, x_node: torch.fx.Node,
         args = arguments(user)
         if args["x"] is not x_node:
             return None
-        found = _weight_of(weights, args["weight"])
+        fmt, weight_arg = weight_format(args["weight"]) if formats else (None, args["weight"])
+        found = _weight_of(weights, weight_arg)
         if found is None:
             return None
         weight, layout, weight_node = found
@@ -125,7 +153,9 @@ def group_members(weights: WeightTable, x_node: torch.fx.Node,
         if bias is not None and bias.shape[0] != out_features:
             return None
         members.append(Member(user, weight, layout, bias, out_features, weight_node,
-                              args["bias"] if bias is not None else None))
+                              args["bias"] if bias is not None else None, fmt))
+    if len({m.format for m in members}) > 1:
+        return None  # one call reads one format
     return members or None
 
 
@@ -224,6 +254,7 @@ def splice_group(graph: torch.fx.Graph, members: list[Member], y: torch.fx.Node,
         if out is not y:
             _make_viewable(graph, out)
     weight_args = [arguments(mb.node)["weight"] for mb in members]
+    weight_args += [weight_format(w)[1] for w in weight_args if weight_format(w)[0]]
     for mb in members:
         graph.erase_node(mb.node)
     # targeted clean-up (the pass manager's dead-code pass runs after, and keeps side effects)

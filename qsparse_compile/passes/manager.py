@@ -3,7 +3,7 @@
 One object runs every pass over a normalised graph (:mod:`.normalise`), in one direction::
 
     [ReLU² GLU] -> [rotate] -> rewrite -> [share] -> [CPU decode] -> [fuse]
-                -> [Triton: decode GEMV -> N:M prefill -> retarget to the kernels]
+                -> [fold weight formats] -> [Triton: decode GEMV -> N:M prefill -> retarget]
 
 (bracketed: only where an option or the graph asks for it). The bodies of higher-order ops
 (an activation-checkpointed layer's subgraph, :mod:`.subgraphs`) take the graph passes first,
@@ -11,7 +11,8 @@ each as a graph of its own.
 
 * The graph passes (GLU, rotate, rewrite, share, fuse) run on every graph, before autograd:
   the ``qsparse`` ops they insert carry the straight-through gradient.
-* The lowerings (CPU decode, decode GEMV, Triton retargeting) run only on inference graphs
+* The lowerings (CPU decode, folding the weight formats' quantizers into constants
+  (:mod:`.fold_weights`), decode GEMV, Triton retargeting) run only on inference graphs
   outside autocast (their kernels compute in the weights' dtype, where autocast would cast)
   (compiled with grad mode off); training graphs on the Triton path are retargeted after
   autograd instead (:mod:`.post_grad`). The N:M prefill retargeting yields a differentiable
@@ -43,6 +44,7 @@ from .block_prefill import use_block_sparse_linear
 from .constants import AddConstant
 from .cpu_decode import lower_cpu_decode
 from .cuda_decode import lower_cuda_decode
+from .fold_weights import fold_weight_formats
 from .fuse_norm import fuse_norm_sparsify
 from .graph_utils import op_counts
 from .kernel_select import triton_device
@@ -210,6 +212,8 @@ class PassManager:
                                                             decide=self.decide))
             if options.fuse:
                 step("fuse", lambda: fuse_norm_sparsify(gm))
+            if lower:
+                step("fold_weights", lambda: fold_weight_formats(gm, weights, add_constant))
             if result.triton is not None:
                 if lower and options.decode:
                     step("cuda_decode", lambda: lower_cuda_decode(

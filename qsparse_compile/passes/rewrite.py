@@ -5,7 +5,8 @@ Each projection :func:`~.projections.find_projections` finds becomes
 :func:`qsparse_compile.plan.sparsify_input` and :func:`~qsparse_compile.plan.project_sparsified`
 with the ``qsparse`` ops on FX proxies (:data:`qsparse_compile.functional.QSPARSE_OPS`), so the
 graph holds exactly what the functional API computes (``topk_sparsify`` / ``block_sparsify``,
-then ``int8_fake_quant`` for int8/bitnet; ``ternary_fake_quant(W)`` for bitnet). ``W`` is
+then ``int8_fake_quant`` for int8/bitnet; ``ternary_fake_quant(W)`` for bitnet; the weight
+format's fake quantizer for ``weights=``, e.g. ``int4_weight_fake_quant(W, -1)``). ``W`` is
 passed ``[out, in]`` (``aten.t`` of a ``Conv1D``-style ``[in, out]`` weight). Projections that
 read the same node with the same plan share one sparsify, so q/k/v and gate/up select once
 (unless an in-place write to it runs between them).
@@ -147,10 +148,14 @@ def _replace_in_place(gm: torch.fx.GraphModule, proj: Projection, plan: Projecti
             shared[key] = xs
         if proj.weight_left and not proj.vector:
             xs = emit(graph, node, lambda t: aten.transpose.int(t, -1, -2), xs)
-        if plan.quant == "bitnet":
-            # one scale for the whole expert weight, then the same views and picks as before
-            ternary = emit(graph, node, QSPARSE_OPS.ternary, proj.weight)
-            mapped = {proj.weight: ternary}
+        if plan.quant == "bitnet" or plan.weights is not None:
+            # bitnet: one scale for the whole expert weight; a weight format: per expert,
+            # output channel (and group); then the same views and picks as before
+            in_dim = -1 if proj.weight_layout == "out_in" else -2
+            quantized = emit(graph, node, lambda w: QSPARSE_OPS.weights(
+                w, plan.weights, in_dim) if plan.weights else QSPARSE_OPS.ternary(w),
+                proj.weight)
+            mapped = {proj.weight: quantized}
             for view in proj.weight_chain:
                 mapped[view] = graph.node_copy(view, lambda a: mapped.get(a, a))
             operand = proj.weight_chain[-1] if proj.weight_chain else proj.weight

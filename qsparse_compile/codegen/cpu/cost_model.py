@@ -21,6 +21,11 @@ kernel does, and :func:`choose_sparse` compares it with the dense time.
 
 Only 1..8 rows are measured (more always fall back).
 
+A weight format (``fmt``: ``"int8"``, ``"int4"``, ``"ternary"``) times the packed kernel
+``qsparse::cpu_packed_linear`` instead, against the same fallback (the generic sparsify and a
+dense ``addmm`` with the dequantised weights held in the activation's dtype: what the group
+costs when the packed kernel does not take it).
+
 Calibrations are cached in memory and on disk (``<cache>/cpu/cost_model/*.json``, keyed by shape,
 dtype, tokens, threads, host CPU, torch version and kernel source), so each shape is measured once
 per machine; one calibration costs a few dozen kernel calls (0.1–1 s for 7B-model shapes on 2
@@ -43,6 +48,9 @@ import torch
 from . import topk_linear_op
 from .compiler import cache_dir, host_fingerprint
 from .machine import CacheFlusher
+from .packed_linear_op import prepare_packed_weight
+from .packed_linear_template import PackedLinearSpec
+from .packed_linear_template import render as render_packed_linear
 from .topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES
 from .topk_linear_template import render as render_topk_linear
 
@@ -71,7 +79,7 @@ class Calibration:
         dense_ms: the op's fallback (generic sparsify + dense ``addmm``).
         sparse_ms: the fused kernel at each fraction in ``densities`` of weight rows read.
         densities: the fractions of rows read that ``sparse_ms`` belongs to.
-        kernel: the kernel timed (``"topk_linear"``).
+        kernel: the kernel timed (``"topk_linear"``, or ``"packed_linear_<format>"``).
     """
 
     in_features: int
@@ -118,29 +126,48 @@ def _check_args(in_features: int, out_features: int, tokens: int, dtype: torch.d
                          f"call (more always fall back), got tokens={tokens}")
 
 
+def _kernel_name(fmt: str | None) -> str:
+    return "topk_linear" if fmt is None else f"packed_linear_{fmt}"
+
+
 @functools.cache
 def _key(in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
-         threads: int) -> str:
+         threads: int, fmt: str | None = None) -> str:
     # the kernel's source is part of the key: retuning the kernel invalidates old timings
-    source = render_topk_linear(topk_linear_op.default_spec(dtype, tokens))
+    if fmt is None:
+        source = render_topk_linear(topk_linear_op.default_spec(dtype, tokens))
+    else:
+        source = render_packed_linear(PackedLinearSpec(dtype, fmt, tokens))
     digest = hashlib.sha256(
         "\0".join([source, host_fingerprint(), torch.__version__]).encode()
     ).hexdigest()[:12]
     name = str(dtype).removeprefix("torch.")
-    return f"topk_linear_k{in_features}_n{out_features}_t{tokens}_{name}_th{threads}_{digest}"
+    return (f"{_kernel_name(fmt)}_k{in_features}_n{out_features}_t{tokens}_{name}_th{threads}"
+            f"_{digest}")
 
 
 def _measure(
     in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
-    repeats: int, budget_s: float,
+    repeats: int, budget_s: float, fmt: str | None = None,
 ) -> Calibration:  # fmt: skip
-    """Time ``qsparse::cpu_topk_linear`` fused (two densities) and through its fallback."""
+    """Time the fused kernel (two densities) and the fallback (sparsify + dense addmm)."""
     K, N = in_features, out_features
     # values do not change the time of either path (no denormals, no zero tests on weights),
     # so constant fills stand in for real weights; writing them also commits the pages
     weight_t = torch.full((K, N), 0.01, dtype=dtype)
     generator = torch.Generator().manual_seed(0)
     op = torch.ops.qsparse.cpu_topk_linear.default
+    if fmt is not None:
+        packed = prepare_packed_weight([weight_t.t().float()], fmt)
+        packed_op = torch.ops.qsparse.cpu_packed_linear.default
+
+        def fused(x, k, rows):
+            if rows == 0:  # the fallback: sparsify, then dense addmm in the activation dtype
+                return op(x, k, 0, 0, False, weight_t, None, 0)
+            return packed_op(x, k, 0, 0, False, False, fmt, N, packed, None, rows)
+    else:
+        def fused(x, k, rows):
+            return op(x, k, 0, 0, False, weight_t, None, rows)
 
     def activations() -> torch.Tensor:
         # identical rows (fresh values every call): the union of their top-K masks is exactly
@@ -154,26 +181,24 @@ def _measure(
     timed = flush.time_ms
 
     with torch.no_grad():
-        op(activations(), ks[0], 0, 0, False, weight_t, None, MAX_ROWS)  # build, fault pages
-        op(activations(), ks[0], 0, 0, False, weight_t, None, 0)
+        fused(activations(), ks[0], MAX_ROWS)  # build, fault pages
+        fused(activations(), ks[0], 0)
         fallback: list[float] = []
         sparse: list[list[float]] = [[] for _ in ks]
         deadline = time.perf_counter() + budget_s
         for i in range(repeats):
             x = activations()
-            fallback.append(timed(lambda x=x: op(x, max(1, K // 2), 0, 0, False, weight_t,
-                                                  None, 0)))
+            fallback.append(timed(lambda x=x: fused(x, max(1, K // 2), 0)))
             for k, samples in zip(ks, sparse, strict=True):
                 x = activations()
-                samples.append(timed(lambda x=x, k=k: op(x, k, 0, 0, False, weight_t, None,
-                                                          MAX_ROWS)))
+                samples.append(timed(lambda x=x, k=k: fused(x, k, MAX_ROWS)))
             if i >= 2 and time.perf_counter() > deadline:
                 break
     return Calibration(
         in_features=K, out_features=N, tokens=tokens, dtype=str(dtype).removeprefix("torch."),
         threads=torch.get_num_threads(), dense_ms=min(fallback),
         sparse_ms=tuple(min(s) for s in sparse),
-        densities=tuple(k / K for k in ks), kernel="topk_linear",
+        densities=tuple(k / K for k in ks), kernel=_kernel_name(fmt),
     )
 
 
@@ -212,6 +237,7 @@ def calibrate(
     repeats: int = 5,
     budget_s: float = 0.5,
     use_cache: bool = True,
+    fmt: str | None = None,
 ) -> Calibration:
     """Measure (or fetch the cached measurement of) fused vs fallback for one group shape.
 
@@ -223,15 +249,17 @@ def calibrate(
         repeats: interleaved repetitions; the fastest of each path is kept.
         budget_s: stop repeating (after at least 3) once this much time is spent.
         use_cache: look up and store the result in memory and on disk.
+        fmt: a packed weight format: time ``cpu_packed_linear`` over it (None: fp32/bf16
+            weights, ``cpu_topk_linear``).
     """
     _check_args(in_features, out_features, tokens, dtype)
-    key = _key(in_features, out_features, tokens, dtype, torch.get_num_threads())
+    key = _key(in_features, out_features, tokens, dtype, torch.get_num_threads(), fmt)
     if use_cache:
         found = _memory_cache.get(key) or _read_disk(key)
         if found is not None:
             _memory_cache[key] = found
             return found
-    result = _measure(in_features, out_features, tokens, dtype, max(1, repeats), budget_s)
+    result = _measure(in_features, out_features, tokens, dtype, max(1, repeats), budget_s, fmt)
     if use_cache:
         _memory_cache[key] = result
         _write_disk(key, result)
@@ -246,6 +274,7 @@ def choose_sparse(
     density: float,
     *,
     min_speedup: float = 1.05,
+    fmt: str | None = None,
 ) -> bool:
     """Whether the fused decode op beats its fallback for this projection group here.
 
@@ -257,6 +286,7 @@ def choose_sparse(
         density: fraction of each token's features kept, ``1 - sparsity``, in ``[0, 1]``.
         min_speedup: predicted speed-up required to choose the fused kernel; the default
             demands a 5% margin so measurement noise does not flip a tie to the sparse path.
+        fmt: the packed weight format of the group, or None (see :func:`calibrate`).
 
     Returns:
         ``True`` to run the fused path of ``qsparse::cpu_topk_linear``, ``False`` to take the
@@ -274,7 +304,7 @@ def choose_sparse(
         )
     if tokens > MAX_ROWS:
         return False
-    calibration = calibrate(in_features, out_features, tokens, dtype)
+    calibration = calibrate(in_features, out_features, tokens, dtype, fmt=fmt)
     return calibration.speedup(rows_read_fraction(float(density), tokens)) >= min_speedup
 
 

@@ -47,7 +47,9 @@ from .topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES, TopkLinearSpec, re
 
 __all__ = [
     "MAX_ROWS",
+    "check_no_grad",
     "cpu_topk_linear",
+    "decode_threads",
     "default_spec",
     "measure_split_gain",
     "prepare_group_weight",
@@ -128,8 +130,9 @@ def measure_split_gain(threads: int, repeats: int = 5) -> float:
     return best[1] / best[threads]
 
 
-def _kernel_threads() -> int:
-    """Threads for the kernel: measured once per torch thread count (:mod:`.thread_policy`)."""
+def decode_threads() -> int:
+    """Threads for the CPU decode kernels: measured once per torch thread count
+    (:mod:`.thread_policy`)."""
     torch_threads = torch.get_num_threads()
     if torch_threads != _THREADS[0]:
         _THREADS[:] = [torch_threads, kernel_threads(measure_split_gain)]
@@ -164,12 +167,12 @@ def _check(x: torch.Tensor, k: int, n: int, m: int, weight_t: torch.Tensor,
         )
 
 
-def _check_grad(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight_t.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+def check_no_grad(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise unless grad mode is off or no input requires grad: the decode ops have no
+    backward."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(
-            f"{_OP} is inference-only (it has no backward), but an input requires grad with "
+            f"{op} is inference-only (it has no backward), but an input requires grad with "
             f"grad mode on; run it under torch.no_grad() or torch.inference_mode(), or use "
             f"qsparse.topk_sparsify/block_sparsify + sparse_linear, which train"
         )
@@ -255,7 +258,7 @@ def topk_linear(
         weight_t.data_ptr(), weight_t.stride(0) if D > 1 else N, N,
         None if bias is None else bias.data_ptr(),
         out.data_ptr(), N,
-        _kernel_threads() if num_threads is None else num_threads,
+        decode_threads() if num_threads is None else num_threads,
     )  # fmt: skip
     if status < 0:
         raise MemoryError(f"{_OP}: could not allocate scratch buffers for D={D}, N={N}")
@@ -338,7 +341,7 @@ _LIB.define(SCHEMA)
 
 def _cpu_impl(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, weight_t: torch.Tensor,
               bias: torch.Tensor | None, max_sparse_rows: int) -> torch.Tensor:
-    _check_grad(x, weight_t, bias)
+    check_no_grad(_OP, x, weight_t, bias)
     return topk_linear(x, k, n, m, rescale, weight_t, bias, max_sparse_rows)
 
 

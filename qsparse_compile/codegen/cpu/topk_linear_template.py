@@ -33,13 +33,11 @@ import string
 import torch
 
 from .c_common import ELEMENT_HELPERS, PRELUDE, SUPPORTED_DTYPES
+from .select_c import SELECTION
 
 #: Most activation rows one call handles: the decode batch. Beyond ~8 independent top-K masks
 #: the union covers almost every feature, and the op falls back to a dense product anyway.
 MAX_ROWS = 8
-
-#: Blocks of at most this many entries are selected by direct ranking (``m^2`` compares).
-RANK_BLOCK_MAX = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,135 +109,11 @@ ${prelude}
 #define TILE_COLS ((${tile_floats} / ROWS) / 8 * 8)
 /* Below this many weight bytes per thread, waking a second thread costs more than it saves. */
 #define MIN_BYTES_PER_THREAD (96 * 1024)
-#define RANK_BLOCK_MAX ${rank_block_max}
-/* Candidates left after a radix pass at or below this count are sorted instead. */
-#define SMALL_SELECT 48
-/* The magnitude key of every NaN: one above +inf (0x7f800000), so NaNs outrank all numbers
- * and tie with each other. */
-#define NAN_KEY 0x7f800001u
-
 ${element_helpers}
 /* The value the reference's sparsified activation holds: rounded to the element type. */
 static inline float round_elem(float f) { return to_f32(from_f32(f)); }
 
-static inline uint32_t magnitude_key(float v) {
-    union { float f; uint32_t u; } c;
-    c.f = v;
-    const uint32_t a = c.u & 0x7fffffffu;
-    return a > 0x7f800000u ? NAN_KEY : a;
-}
-
-/* ---- scratch: per calling thread, grown on demand, never shrunk ----------------------------
- * ctypes releases the GIL, so two Python threads may run this kernel at once: the buffers are
- * thread-local. Growing them only when a larger shape arrives keeps malloc (and, for big
- * buffers, mmap + page faults) out of the steady decode loop. */
-typedef struct {
-    void* ptr;
-    size_t size;
-} buffer_t;
-
-static _Thread_local buffer_t scratch_keys, scratch_cand, scratch_xs, scratch_rows,
-    scratch_vals, scratch_part;
-
-static void* grow(buffer_t* b, size_t bytes) {
-    if (bytes > b->size) {
-        void* p = NULL;
-        bytes = (bytes + 63) / 64 * 64;
-        if (posix_memalign(&p, 64, bytes) != 0) return NULL;
-        free(b->ptr);
-        b->ptr = p;
-        b->size = bytes;
-    }
-    return b->ptr;
-}
-
-/* ---- selection ---------------------------------------------------------------------------- */
-
-typedef struct {
-    uint32_t key;  /* the k-th largest key */
-    int64_t take;  /* how many entries equal to it are kept, the lowest indices first */
-} threshold_t;
-
-static void sort_desc(uint32_t* a, int64_t n) {
-    for (int64_t i = 1; i < n; ++i) {
-        const uint32_t v = a[i];
-        int64_t j = i - 1;
-        while (j >= 0 && a[j] < v) {
-            a[j + 1] = a[j];
-            --j;
-        }
-        a[j + 1] = v;
-    }
-}
-
-/* The k-th largest of keys[0, n), 1 <= k <= n, by radix select on 11 + 10 + 10 bits (keys are
- * at most 31 bits wide: the sign is cleared). cand holds n keys of scratch. */
-static threshold_t kth_largest(const uint32_t* keys, int64_t n, int64_t k, uint32_t* cand) {
-    static const int shift[3] = {20, 10, 0};
-    static const uint32_t bins[3] = {2048, 1024, 1024};
-    int32_t hist[2048];
-    const uint32_t* src = keys;
-    for (int level = 0; level < 3; ++level) {
-        if (n <= SMALL_SELECT) {
-            if (src != cand) memcpy(cand, src, sizeof(uint32_t) * (size_t)n);
-            sort_desc(cand, n);
-            threshold_t t = {cand[k - 1], 0};
-            for (int64_t i = 0; i < k; ++i) t.take += (cand[i] == t.key);
-            return t;
-        }
-        const int s = shift[level];
-        const uint32_t mask = bins[level] - 1;
-        uint32_t hi = 0;  /* the highest bin in use: the scan down starts there */
-        memset(hist, 0, sizeof(int32_t) * bins[level]);
-        for (int64_t i = 0; i < n; ++i) {
-            const uint32_t d = (src[i] >> s) & mask;
-            hist[d]++;
-            hi = d > hi ? d : hi;
-        }
-        /* the bin b holding the k-th largest: fewer than k above it, at least k from it up */
-        int64_t above = 0;
-        uint32_t b = hi;
-        while (above + hist[b] < k) above += hist[b--];
-        k -= above;
-        int64_t m = 0;
-        for (int64_t i = 0; i < n; ++i)
-            if (((src[i] >> s) & mask) == b) cand[m++] = src[i];
-        src = cand;
-        n = m;
-    }
-    /* all 31 bits fixed: every candidate equals the threshold */
-    threshold_t t = {cand[0], k};
-    return t;
-}
-
-/* Keep the k largest |v| of v[0, n) (in place: dropped entries become 0). */
-static void select_topk(float* v, int64_t n, int64_t k, uint32_t* keys, uint32_t* cand) {
-    if (k >= n) return;
-    for (int64_t i = 0; i < n; ++i) keys[i] = magnitude_key(v[i]);
-    const threshold_t t = kth_largest(keys, n, k, cand);
-    int64_t taken = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        const uint32_t key = keys[i];
-        int keep = key > t.key;
-        if (key == t.key && taken < t.take) {
-            keep = 1;
-            ++taken;
-        }
-        if (!keep) v[i] = 0.0f;
-    }
-}
-
-/* Keep the nk largest |v| of a group of m <= RANK_BLOCK_MAX entries: an entry's rank is the
- * number of entries that beat it (a larger key, or an equal key at a lower index). */
-static void select_block_rank(float* v, int64_t m, int64_t nk, uint32_t* keys) {
-    for (int64_t i = 0; i < m; ++i) keys[i] = magnitude_key(v[i]);
-    for (int64_t i = 0; i < m; ++i) {
-        const uint32_t ki = keys[i];
-        int32_t rank = 0;
-        for (int64_t j = 0; j < m; ++j) rank += (keys[j] > ki) | ((keys[j] == ki) & (j < i));
-        if (rank >= nk) v[i] = 0.0f;
-    }
-}
+${selection}
 
 /* ---- sparse GEMV ------------------------------------------------------------------------- */
 
@@ -324,58 +198,14 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
                  int64_t k, int64_t n, int64_t m, int64_t rescale,
                  const elem_t* wt, int64_t ldw, int64_t N, const elem_t* bias,
                  elem_t* y, int64_t ldy, int64_t nthreads) {
-    uint32_t* keys = (uint32_t*)grow(&scratch_keys, sizeof(uint32_t) * (size_t)(D + 1));
-    uint32_t* cand = (uint32_t*)grow(&scratch_cand, sizeof(uint32_t) * (size_t)(D + 1));
-    float* xs = (float*)grow(&scratch_xs, sizeof(float) * (size_t)(D + 1) * ROWS);
-    int32_t* rows = (int32_t*)grow(&scratch_rows, sizeof(int32_t) * (size_t)(D + 1));
-    float* vals = (float*)grow(&scratch_vals, sizeof(float) * (size_t)(D + 1) * ROWS);
-    if (!keys || !cand || !xs || !rows || !vals) return -1;
+    /* 1. select (and rescale) each row, then unite the kept features */
+    const kept_t kept = select_rows(x, x_stride_t, x_stride_k, D, k, n, m, rescale, 0);
+    if (kept.nnz < 0) return -1;
+    const int64_t nnz = kept.nnz;
+    const int32_t* rows = kept.rows;
+    const float* vals = kept.vals;
 
-    /* 1-2. select (and rescale) each row into xs[t][0, D), fp32 */
-    for (int t = 0; t < ROWS; ++t) {
-        float* v = xs + (int64_t)t * D;
-        const elem_t* xr = x + t * x_stride_t;
-        double full = 0.0;
-        for (int64_t i = 0; i < D; ++i) {
-            v[i] = to_f32(xr[i * x_stride_k]);
-            full += (double)v[i] * v[i];
-        }
-        if (m == 0) {
-            select_topk(v, D, k, keys, cand);
-        } else if (m <= RANK_BLOCK_MAX) {
-            for (int64_t g = 0; g < D; g += m) select_block_rank(v + g, m, n, keys);
-        } else {
-            for (int64_t g = 0; g < D; g += m) select_topk(v + g, m, n, keys, cand);
-        }
-        if (rescale) {
-            double kept = 0.0;
-            for (int64_t i = 0; i < D; ++i) kept += (double)v[i] * v[i];
-            /* both norms are rounded to fp32 before dividing, as the reference computes them */
-            const float full_f = (float)__builtin_sqrt(full);
-            const float kept_f = (float)__builtin_sqrt(kept);
-            /* NaN kept norm: the comparison is false and the factor is 1, as in the reference */
-            const float factor = kept_f > 0.0f ? full_f / kept_f : 1.0f;
-            for (int64_t i = 0; i < D; ++i) v[i] = round_elem(v[i] * factor);
-        }
-    }
-
-    /* 3a. the union of the kept features, values packed row-minor */
-    int64_t nnz = 0;
-    for (int64_t i = 0; i < D; ++i) {
-        float vv[ROWS];
-        int any = 0;
-        for (int t = 0; t < ROWS; ++t) {
-            vv[t] = xs[(int64_t)t * D + i];
-            any |= (vv[t] != 0.0f);  /* NaN != 0: a kept NaN is read and propagates */
-        }
-        if (any) {
-            rows[nnz] = (int32_t)i;
-            memcpy(vals + nnz * ROWS, vv, sizeof(vv));
-            ++nnz;
-        }
-    }
-
-    /* 3b. threads split the kept rows; each sums into its own fp32 partial result */
+    /* 2a. threads split the kept rows; each sums into its own fp32 partial result */
     int64_t team = nthreads;
     const int64_t bytes = nnz * N * (int64_t)sizeof(elem_t);
     if (team > bytes / MIN_BYTES_PER_THREAD) team = bytes / MIN_BYTES_PER_THREAD;
@@ -401,7 +231,7 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
         gemv_rows(rows, vals, i0, i1, wt, ldw, N, part + tid * ROWS * N);
     }
 
-    /* 3c. y = bias + the partial sums, in a fixed order (the result does not depend on timing) */
+    /* 2b. y = bias + the partial sums, in a fixed order (the result does not depend on timing) */
     for (int t = 0; t < ROWS; ++t)
         for (int64_t j = 0; j < N; ++j) {
             float s = bias ? to_f32(bias[j]) : 0.0f;
@@ -426,5 +256,5 @@ def render(spec: TopkLinearSpec) -> str:
         tile_floats=spec.tile_floats,
         prefetch=int(spec.prefetch),
         elem_is_bf16=int(spec.dtype == torch.bfloat16),
-        rank_block_max=RANK_BLOCK_MAX,
+        selection=SELECTION,
     )

@@ -1,0 +1,422 @@
+"""The C source of the fused "select, then sparse GEMV over packed weights" decode kernel.
+
+One call computes ``y = sparsify(x) @ dequant(packed) + bias`` for 1..8 activation rows ``x``
+(fp32 or bf16), the weights packed as :mod:`.packed_weights` lays them out (int8, int4 or
+ternary codes, K-major, 8-byte chunks):
+
+1. **Select**, rescale, (int8-quantize) and unite the rows' kept features: :mod:`.select_c`.
+2. **Sparse GEMV**: each kept feature reads one contiguous row of codes; a feature no row kept
+   is never read. Codes are widened to fp32 in registers (int8: sign-extend; int4: a mask and a
+   shift of one zero-extended load; ternary: two-bit fields minus one) and accumulated in fp32.
+   The scales are applied where they factor out of the sum: int8 and ternary scale whole
+   columns, so ``y = s * sum_k x_k q_k`` (once per column, at the end); int4 scales a column
+   per group of 32 features, so each group's codes are summed first and folded in as
+   ``d * sum_k x_k q_k + m * sum_k x_k``. That equals the product with the dequantised weights
+   up to the order of the fp32 sums (DESIGN.md point 10).
+   Threads split the kept rows (int4: on group boundaries), each into its own fp32 partial
+   sum, added in a fixed order at the end.
+
+A specialisation fixes the element type, the format and the number of rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+
+import torch
+
+from .c_common import ELEMENT_HELPERS, PRELUDE, SUPPORTED_DTYPES
+from .packed_weights import FORMATS, PANEL_ROW_BYTES
+from .select_c import SELECTION
+from .topk_linear_template import MAX_ROWS
+
+__all__ = ["PackedLinearSpec", "render"]
+
+_FORMAT_IDS = {"int8": 0, "int4": 1, "ternary": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLinearSpec:
+    """One specialisation of the packed kernel.
+
+    Attributes:
+        dtype: element type of ``x``, ``bias`` and ``y`` (fp32 or bf16).
+        format: ``"int8"``, ``"int4"`` or ``"ternary"`` (:mod:`.packed_weights`).
+        rows: activation rows per call (1..8), their masks united.
+        rows_per_pass: kept weight rows folded into the accumulator per sweep.
+        prefetch: software-prefetch the next sweep's rows of codes.
+
+    The accumulator tile is one panel (:mod:`.packed_weights`): ``rows x panel columns``
+    fp32 (int4: twice, the running sum and the current group's), at most 16 KiB.
+    """
+
+    dtype: torch.dtype
+    format: str
+    rows: int
+    rows_per_pass: int = 8
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+            raise TypeError(f"packed linear kernel: dtype {self.dtype} is not supported; "
+                            f"allowed: {allowed}")
+        if self.format not in FORMATS:
+            raise ValueError(f"packed linear kernel: format {self.format!r} is not one of "
+                             f"{', '.join(map(repr, FORMATS))}")
+        if not 1 <= self.rows <= MAX_ROWS:
+            raise ValueError(f"packed linear kernel: rows must be in [1, {MAX_ROWS}], got "
+                             f"{self.rows}")
+        if not 1 <= self.rows_per_pass <= 16:
+            raise ValueError(f"packed linear kernel: rows_per_pass must be in [1, 16], got "
+                             f"{self.rows_per_pass}")
+
+    @property
+    def name(self) -> str:
+        """A C identifier that names this specialisation (also the exported symbol)."""
+        return (f"qs_packed_linear_{self.format}_{SUPPORTED_DTYPES[self.dtype]}_t{self.rows}"
+                f"_r{self.rows_per_pass}_p{int(self.prefetch)}")
+
+
+_TEMPLATE = string.Template(
+    r"""/* qsparse cpu_packed_linear: ${format} weights, ${dtype_name} activations, ${rows} row(s),
+ * ${rows_per_pass} weight rows per sweep, prefetch ${prefetch}.
+ * Rendered from a template; do not edit.
+ *
+ * y[t, :] = bias + sum_k sparsify(x[t, :])[k] * dequant(row k of the packed codes)
+ */
+${prelude}
+#define ROWS ${rows}
+#define ROWS_PER_PASS ${rows_per_pass}
+#define ELEM_IS_BF16 ${elem_is_bf16}
+#define PREFETCH ${prefetch}
+#define FMT ${format_id}
+#define FMT_INT8 0
+#define FMT_INT4 1
+#define FMT_TERNARY 2
+/* Columns one 8-byte chunk of codes holds. */
+#define CHUNK ${chunk}
+#define GROUP ${group}
+/* A panel: PANEL_ROW bytes of codes per row, PANEL_COLS columns; the accumulator tile. */
+#define PANEL_ROW ${panel_row}
+#define PANEL_COLS ${panel_cols}
+#define TILE_COLS PANEL_COLS
+/* Below this many bytes of codes per thread, waking a second thread costs more than it saves. */
+#define MIN_BYTES_PER_THREAD (48 * 1024)
+
+${element_helpers}
+static inline float round_elem(float f) { return to_f32(from_f32(f)); }
+
+${selection}
+
+/* ---- codes -> fp32 ----------------------------------------------------------------------- */
+
+/* Column j (0 <= j < PANEL_COLS) of a panel's row of codes, as the number the scales
+ * multiply. */
+static inline float code_at(const uint8_t* row, int64_t j) {
+    const uint8_t b = row[(j / CHUNK) * 8 + (j % 8)];
+#if FMT == FMT_INT8
+    return (float)(int8_t)b;
+#elif FMT == FMT_INT4
+    return (float)((j % 16) < 8 ? (b & 15) : (b >> 4));
+#else
+    return (float)((b >> (2 * ((j % 32) / 8))) & 3) - 1.0f;
+#endif
+}
+
+#if QS_SIMD
+/* The v-th vector of 8 columns (v < CHUNK / 8) of the chunk at src. */
+static inline __m256 chunk_vec(const uint8_t* src, int v) {
+    const __m128i raw = _mm_loadl_epi64((const __m128i*)src);
+#if FMT == FMT_INT8
+    (void)v;
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+#elif FMT == FMT_INT4
+    const __m256i b = _mm256_cvtepu8_epi32(raw);
+    const __m256i q = v == 0 ? _mm256_and_si256(b, _mm256_set1_epi32(15))
+                             : _mm256_srli_epi32(b, 4);
+    return _mm256_cvtepi32_ps(q);
+#else
+    const __m256i b = _mm256_cvtepu8_epi32(raw);
+    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set1_epi32(2 * v)),
+                                       _mm256_set1_epi32(3));
+    return _mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(1.0f));
+#endif
+}
+#endif
+
+/* ---- sparse GEMV ------------------------------------------------------------------------- */
+
+/* Fold nr rows of one panel's codes into acc[ROWS][PANEL_COLS]. next (nr_next entries) are
+ * the rows of the following sweep, prefetched meanwhile. */
+static inline __attribute__((always_inline)) void fold_rows(
+    float* restrict acc, const int32_t* restrict rows, const float* restrict vals, const int nr,
+    const int32_t* restrict next, const int nr_next, const uint8_t* restrict panel) {
+    const uint8_t* src[ROWS_PER_PASS];
+    for (int r = 0; r < nr; ++r) src[r] = panel + (int64_t)rows[r] * PANEL_ROW;
+#if PREFETCH
+    const uint8_t* pre[ROWS_PER_PASS];
+    for (int r = 0; r < nr_next; ++r) pre[r] = panel + (int64_t)next[r] * PANEL_ROW;
+#else
+    (void)next;
+    (void)nr_next;
+#endif
+#if QS_SIMD
+    __m256 xv[ROWS_PER_PASS * ROWS];
+    for (int r = 0; r < nr; ++r)
+        for (int t = 0; t < ROWS; ++t) xv[r * ROWS + t] = _mm256_set1_ps(vals[r * ROWS + t]);
+    for (int64_t j = 0; j < PANEL_COLS; j += CHUNK) {
+        const int64_t byte = j / CHUNK * 8;
+#if PREFETCH
+        if (byte % 64 == 0)
+            for (int r = 0; r < nr_next; ++r) _mm_prefetch((const char*)(pre[r] + byte),
+                                                          _MM_HINT_T0);
+#endif
+        for (int v = 0; v < CHUNK / 8; ++v) {
+            __m256 wv[ROWS_PER_PASS];
+            for (int r = 0; r < nr; ++r) wv[r] = chunk_vec(src[r] + byte, v);
+            for (int t = 0; t < ROWS; ++t) {
+                float* a_ptr = acc + t * TILE_COLS + j + 8 * v;
+                __m256 a = _mm256_load_ps(a_ptr);
+                for (int r = 0; r < nr; ++r) a = _mm256_fmadd_ps(xv[r * ROWS + t], wv[r], a);
+                _mm256_store_ps(a_ptr, a);
+            }
+        }
+    }
+#else
+    for (int64_t j = 0; j < PANEL_COLS; ++j)
+        for (int r = 0; r < nr; ++r) {
+            const float q = code_at(src[r], j);
+            for (int t = 0; t < ROWS; ++t) acc[t * TILE_COLS + j] += vals[r * ROWS + t] * q;
+        }
+#endif
+}
+
+/* Kept rows [i0, i1) of one panel into acc, in sweeps of ROWS_PER_PASS. */
+static inline void fold_range(float* acc, const int32_t* rows, const float* vals, int64_t i0,
+                              int64_t i1, const uint8_t* panel) {
+    int64_t i = i0;
+    for (; i + ROWS_PER_PASS <= i1; i += ROWS_PER_PASS) {
+        const int64_t left = i1 - (i + ROWS_PER_PASS);
+        const int nr_next = left < ROWS_PER_PASS ? (int)left : ROWS_PER_PASS;
+        fold_rows(acc, rows + i, vals + i * ROWS, ROWS_PER_PASS, rows + i + ROWS_PER_PASS,
+                  nr_next, panel);
+    }
+    for (; i < i1; ++i) fold_rows(acc, rows + i, vals + i * ROWS, 1, rows, 0, panel);
+}
+
+#if FMT == FMT_INT4
+#if QS_SIMD && defined(__F16C__)
+#define QS_F16C 1
+#else
+#define QS_F16C 0
+#endif
+
+static inline float half_to_f32(uint16_t h) {
+#if QS_F16C
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 1023u;
+    union { uint32_t u; float f; } c;
+    if (e == 0) {  /* zero or subnormal: m * 2^-24 */
+        c.f = (float)m * 5.9604644775390625e-8f;
+        c.u |= sign;
+    } else if (e == 31) {
+        c.u = sign | 0x7f800000u | (m << 13);
+    } else {
+        c.u = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    return c.f;
+#endif
+}
+
+/* acc[t][j] += d[j] * gacc[t][j] + m[j] * xsum[t] over the panel's columns. */
+static inline void fold_group(float* restrict acc, const float* restrict gacc,
+                              const uint16_t* restrict d, const uint16_t* restrict m,
+                              const float* restrict xsum) {
+    int64_t j = 0;
+#if QS_F16C
+    for (; j + 8 <= PANEL_COLS; j += 8) {
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + j)));
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + j)));
+        for (int t = 0; t < ROWS; ++t) {
+            float* a_ptr = acc + t * TILE_COLS + j;
+            __m256 a = _mm256_load_ps(a_ptr);
+            a = _mm256_fmadd_ps(dv, _mm256_load_ps(gacc + t * TILE_COLS + j), a);
+            a = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[t]), a);
+            _mm256_store_ps(a_ptr, a);
+        }
+    }
+#endif
+    for (; j < PANEL_COLS; ++j) {
+        const float dj = half_to_f32(d[j]), mj = half_to_f32(m[j]);
+        for (int t = 0; t < ROWS; ++t)
+            acc[t * TILE_COLS + j] += dj * gacc[t * TILE_COLS + j] + mj * xsum[t];
+    }
+}
+#endif
+
+/* One thread's share, kept rows [i0, i1) (int4: whole groups [g0, g1), their rows starting at
+ * gstart[g]), over all Np columns, panel by panel, into part[ROWS][Np] (fp32). */
+static void gemv_share(const int32_t* rows, const float* vals, int64_t i0, int64_t i1,
+                       const int64_t* gstart, const float* xsum, int64_t g0, int64_t g1,
+                       const uint8_t* codes, int64_t panel_bytes, const uint16_t* dq,
+                       const uint16_t* mq, int64_t Np, float* part) {
+    float acc[ROWS * TILE_COLS] __attribute__((aligned(64)));
+#if FMT == FMT_INT4
+    float gacc[ROWS * TILE_COLS] __attribute__((aligned(64)));
+    (void)i0;
+    (void)i1;
+#else
+    (void)gstart;
+    (void)xsum;
+    (void)g0;
+    (void)g1;
+    (void)dq;
+    (void)mq;
+#endif
+    for (int64_t c0 = 0; c0 < Np; c0 += PANEL_COLS) {
+        const uint8_t* panel = codes + (c0 / PANEL_COLS) * panel_bytes;
+        memset(acc, 0, sizeof(acc));
+#if FMT == FMT_INT4
+        for (int64_t g = g0; g < g1; ++g) {
+            if (gstart[g] == gstart[g + 1]) continue;  /* no row kept a feature of it */
+            memset(gacc, 0, sizeof(gacc));
+            fold_range(gacc, rows, vals, gstart[g], gstart[g + 1], panel);
+            fold_group(acc, gacc, dq + g * Np + c0, mq + g * Np + c0, xsum + g * ROWS);
+        }
+#else
+        fold_range(acc, rows, vals, i0, i1, panel);
+#endif
+        for (int t = 0; t < ROWS; ++t) memcpy(part + t * Np + c0, acc + t * TILE_COLS,
+                                              sizeof(float) * PANEL_COLS);
+    }
+}
+
+/* Entry point. Returns the number of rows of codes read (features kept by some row), -1 if
+ * the scratch buffers could not be allocated.
+ *   x, x_stride_t, x_stride_k, D   ROWS x D activations (element (t, i) at
+ *                                  x[t * x_stride_t + i * x_stride_k])
+ *   k; n, m; rescale; quant        selection as in select_c (quant: int8 activations)
+ *   packed                         the buffer of packed_weights: codes from byte 0, panel
+ *                                  after panel (panel_bytes each); scales at scale_off; int4
+ *                                  minima at min_off
+ *   N, Np                          output columns, and columns per row of codes (padded)
+ *   bias                           N values or NULL
+ *   y                              ROWS x N output, row t at y + t * ldy
+ *   nthreads                       the most threads to use
+ */
+int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t D,
+                 int64_t k, int64_t n, int64_t m, int64_t rescale, int64_t quant,
+                 const uint8_t* packed, int64_t panel_bytes, int64_t scale_off, int64_t min_off,
+                 int64_t N, int64_t Np, const elem_t* bias, elem_t* y, int64_t ldy,
+                 int64_t nthreads) {
+    /* 1. select (rescale, quantize) each row, then unite the kept features */
+    const kept_t kept = select_rows(x, x_stride_t, x_stride_k, D, k, n, m, rescale, quant);
+    if (kept.nnz < 0) return -1;
+    const int64_t nnz = kept.nnz;
+    const int32_t* rows = kept.rows;
+    const float* vals = kept.vals;
+
+    /* int4: where each group's kept rows start, and each row's sum of kept values per group */
+    const int64_t groups = (D + GROUP - 1) / GROUP;
+    int64_t* gstart = NULL;
+    float* xsum = NULL;
+#if FMT == FMT_INT4
+    gstart = (int64_t*)grow(&scratch_extra, sizeof(int64_t) * (size_t)(groups + 1)
+                            + sizeof(float) * (size_t)(groups * ROWS));
+    if (!gstart) return -1;
+    xsum = (float*)(gstart + groups + 1);
+    {
+        int64_t i = 0;
+        for (int64_t g = 0; g < groups; ++g) {
+            gstart[g] = i;
+            float s[ROWS] = {0};
+            for (; i < nnz && rows[i] < (g + 1) * GROUP; ++i)
+                for (int t = 0; t < ROWS; ++t) s[t] += vals[i * ROWS + t];
+            for (int t = 0; t < ROWS; ++t) xsum[g * ROWS + t] = s[t];
+        }
+        gstart[groups] = nnz;
+    }
+#endif
+
+    /* 2a. threads split the kept rows (int4: the groups); each sums into its own partial */
+    int64_t team = nthreads;
+    const int64_t bytes = nnz * (Np / PANEL_COLS) * PANEL_ROW;
+    if (team > bytes / MIN_BYTES_PER_THREAD) team = bytes / MIN_BYTES_PER_THREAD;
+    if (team > nnz / ROWS_PER_PASS) team = nnz / ROWS_PER_PASS;
+    if (FMT == FMT_INT4 && team > groups) team = groups;
+    if (team < 1) team = 1;
+    float* part = (float*)grow(&scratch_part, sizeof(float) * (size_t)(team * ROWS * Np + 1));
+    if (!part) return -1;
+    const uint16_t* dq = (const uint16_t*)(packed + scale_off);
+    const uint16_t* mq = (const uint16_t*)(packed + min_off);
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)team) if (team > 1)
+#endif
+    {
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num(), size = omp_get_num_threads();
+#else
+        const int64_t tid = 0, size = 1;
+#endif
+        const int64_t sweeps = (nnz + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+        int64_t i0 = sweeps * tid / size * ROWS_PER_PASS;
+        int64_t i1 = sweeps * (tid + 1) / size * ROWS_PER_PASS;
+        i0 = i0 < nnz ? i0 : nnz;
+        i1 = i1 < nnz ? i1 : nnz;
+        /* int4: a group goes to the share its first kept row falls in */
+        int64_t g0 = 0, g1 = groups;
+        if (FMT == FMT_INT4 && size > 1) {
+            const int64_t lo = nnz * tid / size, hi = nnz * (tid + 1) / size;
+            while (g0 < groups && gstart[g0] < lo) ++g0;
+            g1 = g0;
+            while (g1 < groups && gstart[g1] < hi) ++g1;
+            if (tid == size - 1) g1 = groups;
+        }
+        gemv_share(rows, vals, i0, i1, gstart, xsum, g0, g1, packed, panel_bytes, dq, mq, Np,
+                   part + tid * ROWS * Np);
+    }
+
+    /* 2b. y = bias + scale * (the partial sums), in a fixed order */
+    const float* col_scale = (const float*)(packed + scale_off);
+    for (int t = 0; t < ROWS; ++t)
+        for (int64_t j = 0; j < N; ++j) {
+            float s = 0.0f;
+            for (int64_t p = 0; p < team; ++p) s += part[(p * ROWS + t) * Np + j];
+#if FMT != FMT_INT4
+            s *= col_scale[j];
+#else
+            (void)col_scale;
+#endif
+            if (bias) s += to_f32(bias[j]);
+            y[t * ldy + j] = from_f32(s);
+        }
+    return nnz;
+}
+"""
+)
+
+
+def render(spec: PackedLinearSpec) -> str:
+    """The C source of ``spec``; its entry point is the function named ``spec.name``."""
+    from ...ops.quant import INT4_GROUP
+
+    return _TEMPLATE.substitute(
+        prelude=PRELUDE,
+        element_helpers=ELEMENT_HELPERS,
+        selection=SELECTION,
+        name=spec.name,
+        format=spec.format,
+        format_id=_FORMAT_IDS[spec.format],
+        chunk=FORMATS[spec.format],
+        group=INT4_GROUP,
+        dtype_name=SUPPORTED_DTYPES[spec.dtype],
+        rows=spec.rows,
+        rows_per_pass=spec.rows_per_pass,
+        panel_row=PANEL_ROW_BYTES,
+        panel_cols=PANEL_ROW_BYTES * FORMATS[spec.format] // 8,
+        prefetch=int(spec.prefetch),
+        elem_is_bf16=int(spec.dtype == torch.bfloat16),
+    )

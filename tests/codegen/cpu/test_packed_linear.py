@@ -1,0 +1,235 @@
+"""``qsparse::cpu_packed_linear`` (selection + sparse GEMV over packed int8 / int4 / ternary
+weights) against its reference, and the packed layout against the formats' fake quantizers.
+
+Three links, each checked on its own:
+
+1. the packed buffer holds exactly the values of the weight fake quantizers (the ops the graph
+   rewrite inserts), which equal the eager oracle's formats (:mod:`qsparse_compile.reference`);
+2. the kernel's kept set equals the reference's (an identity-like weight shows it);
+3. the kernel's output equals the product of the sparsified (and int8-quantized) activation
+   with the dequantised weights, within the error of an fp32 sum in another order.
+
+Widths are small and odd (``D`` not a multiple of the int4 group of 32, so the last group is
+short; ``N`` not a multiple of the 32-column padding), so every edge of the layout runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qsparse_compile import reference
+from qsparse_compile.codegen.cpu.packed_linear_op import (
+    cpu_packed_linear,
+    packed_layout,
+    packed_linear,
+    packed_linear_reference,
+    prepare_packed_weight,
+)
+from qsparse_compile.codegen.cpu.packed_weights import FORMATS, PackedLayout, dequantize
+from qsparse_compile.codegen.cpu.topk_linear_op import MAX_ROWS
+from qsparse_compile.ops.quant import (
+    int4_weight_fake_quant,
+    int8_weight_fake_quant,
+    ternary_fake_quant,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FAKE_QUANT = {
+    "int8": lambda w: int8_weight_fake_quant(w, -1),
+    "int4": lambda w: int4_weight_fake_quant(w, -1),
+    "ternary": ternary_fake_quant,
+}
+WIDTHS = [1, 7, 31, 32, 33, 70, 96]
+
+
+def _divisors(d: int) -> list[int]:
+    return [m for m in range(1, d + 1) if d % m == 0]
+
+
+@st.composite
+def selections(draw, D: int) -> tuple[int, int, int]:
+    """(k, n, m): top-K with any k in [1, D] (D: keep all), or block n:m with m dividing D."""
+    if draw(st.booleans()):
+        return draw(st.integers(1, D)), 0, 0
+    m = draw(st.sampled_from(_divisors(D)))
+    return 0, draw(st.integers(1, m)), m
+
+
+def _weights(outs: list[int], D: int, g: torch.Generator, pattern: str) -> list[torch.Tensor]:
+    ws = [torch.randn(n, D, generator=g) for n in outs]
+    if pattern == "constant-groups":  # max == min inside groups: d == 0
+        ws = [torch.where(torch.rand(n, D, generator=g) < 0.5, 0.25, w) for n, w in
+              zip(outs, ws, strict=True)]
+        ws[0][:, :min(D, 32)] = 0.5
+    elif pattern == "integers":  # values the formats hit exactly, ties in the rounding
+        ws = [torch.randint(-3, 4, (n, D), generator=g).float() for n in outs]
+    return ws
+
+
+def _activations(rows: int, D: int, dtype: torch.dtype, pattern: str,
+                 g: torch.Generator) -> torch.Tensor:
+    if pattern == "ties":
+        values = torch.tensor([0.0, 0.5, -0.5, 1.0, -1.0, 2.0])
+        return values[torch.randint(0, len(values), (rows, D), generator=g)].to(dtype)
+    x = torch.randn(rows, D, generator=g)
+    if pattern == "nan":
+        x[0, torch.randint(0, D, (1,), generator=g)] = float("nan")
+    if pattern == "group-edges":  # only the features at group boundaries are large
+        big = torch.zeros(D, dtype=torch.bool)
+        for i in range(0, D, 32):
+            big[max(i - 1, 0)] = big[i] = True
+        x = torch.where(big, 10.0 * x.sign(), 0.01 * x)
+    return x.to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(list(FORMATS)), D=st.sampled_from(WIDTHS),
+       outs=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       pattern=st.sampled_from(["randn", "constant-groups", "integers"]),
+       seed=st.integers(0, 2**16))
+def test_packed_values_equal_the_fake_quantizers(fmt, D, outs, pattern, seed):
+    weights = _weights(outs, D, torch.Generator().manual_seed(seed), pattern)
+    packed = prepare_packed_weight(weights, fmt)
+    layout = packed_layout(fmt, D, sum(outs))
+    assert packed.dtype == torch.uint8 and packed.numel() == layout.nbytes
+    expected = torch.cat([FAKE_QUANT[fmt](w).t() for w in weights], dim=1)
+    assert torch.equal(dequantize(layout, packed), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4"]), D=st.sampled_from(WIDTHS),
+       out=st.integers(1, 40), pattern=st.sampled_from(["randn", "constant-groups",
+                                                        "integers"]),
+       dtype=st.sampled_from(list(DTYPES)), seed=st.integers(0, 2**16))
+def test_weight_fake_quantizers_equal_the_reference_formats(fmt, D, out, pattern, dtype, seed):
+    (w,) = _weights([out], D, torch.Generator().manual_seed(seed), pattern)
+    w = w.to(DTYPES[dtype])
+    assert torch.equal(FAKE_QUANT[fmt](w), reference.WEIGHT_FORMATS[fmt](w))
+    # in_dim=-2 reads a [in, out] weight: the same values, transposed
+    op = int8_weight_fake_quant if fmt == "int8" else int4_weight_fake_quant
+    assert torch.equal(op(w.t().contiguous(), -2), FAKE_QUANT[fmt](w).t())
+
+
+def test_int4_represents_q4_1_weights_without_loss():
+    """Weights that are already ``d * q + m`` with fp16 ``d``, ``m`` (GGUF Q4_1) come back
+    unchanged: that is what loading a Q4_1 file and choosing ``weights="int4"`` does."""
+    g = torch.Generator().manual_seed(0)
+    groups, out = 4, 24
+    d = (torch.rand(out, groups, 1, generator=g) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(out, groups, 1, generator=g) * 0.05).half().float()
+    q = torch.randint(0, 16, (out, groups, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # the Q4_1 quantizer maps a group's min to 0 and max to 15
+    w = (d * q + m).reshape(out, groups * 32)
+    assert torch.equal(int4_weight_fake_quant(w, -1), w)
+
+
+def _check_output(y, ref, xs, w, dtype):
+    """Within the error of fp32 sums in another order (and one bf16 rounding)."""
+    scale = (xs.float().abs() @ w.abs()) + 1e-30
+    err = (y.float() - ref.float()).abs()
+    rtol = 2.0**-7 if dtype == torch.bfloat16 else 0.0
+    finite = torch.isfinite(ref.float())
+    assert torch.equal(finite, torch.isfinite(y.float())), "NaN/inf where the reference has none"
+    assert bool((err[finite] <= 3e-5 * scale[finite] + rtol * ref.float().abs()[finite]).all()), \
+        f"max error {err[finite].max().item()}"
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), fmt=st.sampled_from(list(FORMATS)), dtype=st.sampled_from(list(DTYPES)),
+       D=st.sampled_from(WIDTHS), N=st.integers(1, 70), rows=st.integers(1, MAX_ROWS),
+       pattern=st.sampled_from(["randn", "ties", "nan", "group-edges"]),
+       rescale=st.booleans(), quant=st.booleans(), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_reference(data, fmt, dtype, D, N, rows, pattern, rescale, quant, bias,
+                                  seed):
+    dt = DTYPES[dtype]
+    g = torch.Generator().manual_seed(seed)
+    k, n, m = data.draw(selections(D))
+    weights = _weights([N], D, g, "randn")
+    packed = prepare_packed_weight(weights, fmt)
+    x = _activations(rows, D, dt, pattern, g)
+    b = torch.randn(N, generator=g).to(dt) if bias else None
+    y = cpu_packed_linear(x, k, n, m, rescale, quant, fmt, N, packed, b, MAX_ROWS)
+    ref = packed_linear_reference(x, k, n, m, rescale, quant, fmt, N, packed, b)
+    assert y.shape == (rows, N) and y.dtype == dt
+    mode = "l2" if rescale else "none"
+    xs = reference.topk_sparsify(x, k, mode) if m == 0 else reference.block_sparsify(
+        x, n, m, mode)
+    _check_output(y, ref, xs, dequantize(packed_layout(fmt, D, N), packed), dt)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_kept_set_matches_reference(fmt, dtype):
+    """With one-hot columns the output is the sparsified activation times one column scale:
+    the kept set must be exactly the reference's, the values equal up to the rounding of
+    where the scale is applied."""
+    dt = DTYPES[dtype]
+    D = 70
+    packed = prepare_packed_weight([torch.eye(D)], fmt)
+    x = _activations(3, D, dt, "ties", torch.Generator().manual_seed(1))
+    for k, n, m in [(35, 0, 0), (1, 0, 0), (D, 0, 0), (0, 1, 2), (0, 3, 5)]:
+        for quant in (False, True):
+            y = cpu_packed_linear(x, k, n, m, False, quant, fmt, D, packed, None, MAX_ROWS)
+            ref = packed_linear_reference(x, k, n, m, False, quant, fmt, D, packed, None)
+            assert torch.equal(y != 0, ref != 0), (k, n, m, quant)
+            torch.testing.assert_close(y, ref, rtol=2**-7 if dt == torch.bfloat16 else 1e-6,
+                                       atol=0)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_two_thread_split_matches_reference(fmt):
+    """A shape large enough for the kernel to split the rows (int4: the groups) over two
+    threads; the fixed summation order makes repeated calls identical."""
+    g = torch.Generator().manual_seed(3)
+    D, N = 1024, 768
+    packed = prepare_packed_weight([torch.randn(N, D, generator=g)], fmt)
+    x = torch.randn(2, D, generator=g)
+    y = packed_linear(x, D // 2, 0, 0, False, False, fmt, N, packed, None, num_threads=2)
+    ref = packed_linear_reference(x, D // 2, 0, 0, False, False, fmt, N, packed, None)
+    xs = reference.topk_sparsify(x, D // 2)
+    _check_output(y, ref, xs, dequantize(packed_layout(fmt, D, N), packed), torch.float32)
+    again = packed_linear(x, D // 2, 0, 0, False, False, fmt, N, packed, None, num_threads=2)
+    assert torch.equal(y, again)
+
+
+def test_many_rows_take_the_fallback():
+    g = torch.Generator().manual_seed(4)
+    packed = prepare_packed_weight([torch.randn(20, 40, generator=g)], "int4")
+    x = torch.randn(3, 5, 40, generator=g)  # 15 rows > MAX_ROWS
+    y = cpu_packed_linear(x, 20, 0, 0, False, False, "int4", 20, packed, None, MAX_ROWS)
+    ref = packed_linear_reference(x, 20, 0, 0, False, False, "int4", 20, packed, None)
+    assert y.shape == (3, 5, 20)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(5)
+    packed = prepare_packed_weight([torch.randn(24, 40, generator=g)], "int8")
+    x = torch.randn(2, 40, generator=g)
+    torch.library.opcheck(cpu_packed_linear.default,
+                          (x, 20, 0, 0, False, False, "int8", 24, packed, None, MAX_ROWS),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_operands_name_what_was_given():
+    packed = prepare_packed_weight([torch.randn(24, 40)], "int4")
+    x = torch.randn(1, 40)
+    with pytest.raises(ValueError, match=r"packed must be the uint8 buffer.*'int8'"):
+        packed_linear(x, 20, 0, 0, False, False, "int8", 24, packed)
+    with pytest.raises(ValueError, match="format 'int2'"):
+        packed_linear(x, 20, 0, 0, False, False, "int2", 24, packed)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 40\]"):
+        packed_linear(x, 41, 0, 0, False, False, "int4", 24, packed)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        packed_linear(x, 20, 0, 0, False, False, "int4", 24, packed, torch.zeros(5))
+    with pytest.raises(ValueError, match="sharing in_features"):
+        prepare_packed_weight([torch.randn(3, 4), torch.randn(3, 5)], "int8")
+    with pytest.raises(ValueError, match="is not one of"):
+        PackedLayout("int3", 4, 4)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        cpu_packed_linear(x.requires_grad_(), 20, 0, 0, False, False, "int4", 24, packed, None,
+                          MAX_ROWS)
