@@ -10,6 +10,8 @@ import platform
 import time
 from pathlib import Path
 
+import torch
+
 
 def cpu_model() -> str:
     """The CPU's name, its widest vector extension and the logical CPU count."""
@@ -45,3 +47,16 @@ def others_busy_cpus(window_s: float = 0.1) -> float:
         return 0.0
     cpus = os.cpu_count() or 1
     return cpus * max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0)
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """The machine's read bandwidth, bytes/s: ``torch.sum`` over ``gib`` GiB of fp32 ones on
+    the current threads, the fastest of ``repeats`` (the roofline of a memory-bound step)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _machine import cpu_model, others_busy_cpus
+from _machine import cpu_model, others_busy_cpus, read_bandwidth
 
 from qsparse_compile.codegen.cpu.packed_weights import PackedLayout
 from qsparse_compile.compile_records import records_of
@@ -80,6 +80,7 @@ def weight_bytes(model: torch.nn.Module, sparsity: float, weights: str | None = 
     """Weight bytes read per decoded token, dense (fp32) and at ``sparsity`` with the weight
     formats given (see the module doc)."""
     config = QSparseConfig(sparsity=sparsity, weights=weights, head_weights=head_weights)
+    head = model.get_output_embeddings()
     seen: set[int] = set()
     out = {"projections_dense": 0.0, "projections_sparse": 0.0, "head": 0.0,
            "head_sparse": 0.0, "other": 0.0}
@@ -93,16 +94,13 @@ def weight_bytes(model: torch.nn.Module, sparsity: float, weights: str | None = 
             if module.bias is not None:
                 seen.add(id(module.bias))
                 bias = module.bias.numel() * module.bias.element_size()
-            plan = config.plan_for(path)
+            plan = config.plan_for(path, "head" if module is head else None)
             k = D if plan.method is None else topk_count(D, plan.sparsity)
             read = size * k / D if plan.weights is None else \
                 PackedLayout(plan.weights, D, N).read_bytes(k)
-            if plan.method is None:  # the output head; tied to the embedding: counted once
-                out["head"] += size + bias
-                out["head_sparse"] += read + bias
-                continue
-            out["projections_dense"] += size + bias
-            out["projections_sparse"] += read + bias
+            kind = "head" if module is head else "projections"
+            out[f"{kind}_dense" if kind == "projections" else "head"] += size + bias
+            out[f"{kind}_sparse"] += read + bias
     for name, param in model.named_parameters():
         if id(param) in seen:
             continue
@@ -111,6 +109,8 @@ def weight_bytes(model: torch.nn.Module, sparsity: float, weights: str | None = 
             out["other"] += param.shape[1] * param.element_size()  # one row per token
         else:
             out["other"] += param.numel() * param.element_size()  # norms
+    if getattr(model.config, "tie_word_embeddings", False):  # the input reads one row of it
+        out["other"] += head.weight.shape[1] * head.weight.element_size()
     out["dense"] = out["projections_dense"] + out["head"] + out["other"]
     out["sparse"] = out["projections_sparse"] + out["head_sparse"] + out["other"]
     out["limit"] = out["dense"] / out["sparse"]
@@ -124,19 +124,6 @@ def gguf_bytes(path: Path) -> float:
 
     reader = gguf.GGUFReader(str(path))
     return float(sum(int(t.n_bytes) for t in reader.tensors))
-
-
-def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """The machine's read bandwidth, bytes/s: ``torch.sum`` over ``gib`` GiB of fp32 on
-    ``threads`` threads, the fastest of ``repeats``."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            x.sum()
-            best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best
 
 
 class LlamaCppDecoder:
@@ -260,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"; head {model.lm_head.in_features}->{model.lm_head.out_features}")
     print(f"prompt {prompt.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"{args.rounds} rounds per path")
-    bandwidth = read_bandwidth(args.threads)
+    bandwidth = read_bandwidth()
     print(f"read bandwidth (torch.sum over 1 GiB fp32, {args.threads} threads): "
           f"{bandwidth / 1e9:.1f} GB/s")
 

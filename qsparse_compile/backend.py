@@ -14,6 +14,10 @@ Dynamo captures, the backend
 5. hands the graph to the inner compiler: Inductor's ``compile_fx`` (AOTAutograd, so training
    works through the ops' straight-through gradients; training graphs on the Triton path get
    a post-grad pass that retargets them to the kernels), or ``inner="eager"`` to run it as is.
+   With ``cudagraphs=True`` (or ``mode="reduce-overhead"``) Inductor captures the graph in CUDA
+   graphs; the graph's parameters, static buffers (a static KV cache) and prepared weights
+   are marked as inputs at fixed addresses, as Dynamo marks them, so the graphs read them in
+   place rather than copying them into the graph's memory at every replay.
 
 What each graph's passes did is kept with the compiled object (:mod:`.compile_records`) and
 by a :class:`Backend` object when one is passed instead of the name.
@@ -140,6 +144,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         remember([compiled_key(call.callable) if module is None else module],
                  dataclasses.replace(result, graph=None, constants={}))
     inputs = [*example_inputs, *constants.values]
+    if options.cudagraphs:
+        _mark_static_inputs(graph, gm, set(constants.names))
     if options.inner == "eager":
         return constants.bind(graph.forward)
     from torch._inductor.compile_fx import compile_fx
@@ -152,21 +158,69 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         from .passes.post_grad import triton_post_grad_pass
 
         patches["post_grad_custom_post_pass"] = triton_post_grad_pass()
+    if options.cudagraphs:
+        patches["triton.cudagraphs"] = True
     return constants.bind(compile_fx(graph, inputs, config_patches=patches))
 
 
-def _check_mode(kwargs: Mapping[str, Any]) -> None:
-    if kwargs.get("mode") not in (None, "default"):
-        raise ValueError(f"backend 'qsparse': mode={kwargs['mode']!r} is not supported; "
-                         f"pass settings through options=")
+def _mark_static_inputs(graph: torch.fx.GraphModule, gm: torch.fx.GraphModule,
+                        constants: set[str]) -> None:
+    """Carry Dynamo's input metadata over to the normalised graph, for CUDA graphs.
+
+    AOTAutograd tells Inductor which inputs keep their address between calls (parameters,
+    ``mark_static_address``'d buffers such as a static KV cache) from the metadata Dynamo puts
+    on its graph and placeholders; the normalised graph is a new module without it, so every
+    input, weights included, would be copied into the CUDA graph's memory at each replay (and a
+    mutated cache would make Inductor skip the capture). The prepared constants are fixed as
+    well: they are remade, at a new address, only when their source weights change, and a new
+    address makes the CUDA graph re-record.
+    """
+    own = [n for n in graph.graph.nodes if n.op == "placeholder" and n.name not in constants]
+    extra = [n for n in graph.graph.nodes if n.op == "placeholder" and n.name in constants]
+    theirs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    lifted = [*graph.named_parameters(remove_duplicate=False),
+              *graph.named_buffers(remove_duplicate=False)]
+    if "dynamo_compile_id" not in gm.meta or len(own) != len(theirs) or lifted:
+        warnings.warn("qsparse: cudagraphs: this graph's inputs cannot be matched with "
+                      "Dynamo's, so CUDA graphs will copy every input (weights included) "
+                      "at each replay", stacklevel=3)
+        return
+    graph.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
+    graph._param_name_to_source = {}
+    for ours, dynamo in zip(own, theirs, strict=True):
+        ours._dynamo_source = getattr(dynamo, "_dynamo_source", None)
+        if "tensor_dict" in dynamo.meta:
+            ours.meta["tensor_dict"] = dynamo.meta["tensor_dict"]
+    for node in extra:
+        node._dynamo_source = None
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+
+
+#: ``torch.compile`` modes the backend takes (``mode`` and ``options`` exclude each other
+#: there): ``"reduce-overhead"`` is the ``cudagraphs`` option.
+MODES = ("default", "reduce-overhead")
+
+
+def _apply_mode(options: CompileOptions, kwargs: Mapping[str, Any]) -> CompileOptions:
+    mode = kwargs.get("mode")
+    if mode in (None, "default"):
+        return options
+    if mode == "reduce-overhead":
+        return dataclasses.replace(options, cudagraphs=True)
+    raise ValueError(f"backend 'qsparse': mode={mode!r} is not supported; allowed: "
+                     f"{', '.join(map(repr, MODES))} (CUDA graphs with other settings: "
+                     f"options={{'cudagraphs': True, ...}})")
 
 
 def qsparse_backend(gm: torch.fx.GraphModule, example_inputs: list,
                     options: CompileOptions | QSparseConfig | Mapping[str, Any] | None = None,
                     **kwargs: Any) -> Callable:
-    """Dynamo backend: sparsify every projection of ``gm``, then compile it."""
-    _check_mode(kwargs)
-    return compile_graph(gm, example_inputs, CompileOptions.parse(options))
+    """Dynamo backend: sparsify every projection of ``gm``, then compile it.
+
+    ``torch.compile(..., mode="reduce-overhead")`` (without ``options``: torch refuses both)
+    compiles with the default options and ``cudagraphs=True``.
+    """
+    return compile_graph(gm, example_inputs, _apply_mode(CompileOptions.parse(options), kwargs))
 
 
 class Backend:
@@ -192,9 +246,8 @@ class Backend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any
                  ) -> Callable:
-        _check_mode(kwargs)
-        return compile_graph(gm, example_inputs, self.options, self.results,
-                             check_globs=self.check_globs)
+        return compile_graph(gm, example_inputs, _apply_mode(self.options, kwargs),
+                             self.results, check_globs=self.check_globs)
 
     def __repr__(self) -> str:
         shown = {k: (type(v).__name__ if k == "calibration" and v is not None

@@ -17,6 +17,12 @@ Backend options:
   ``"triton"`` (the Triton kernels on any device; CPU tensors run in Triton's interpreter) or
   ``"aten"`` (never Triton).
 * ``calibration``: rotations to sparsify in (a calibration, or the path of a saved one).
+* ``cudagraphs``: capture each compiled graph in CUDA graphs (Inductor's ``triton.cudagraphs``,
+  what ``mode="reduce-overhead"`` turns on for the stock backend; default False). Needs
+  ``inner="inductor"``; Inductor skips the capture (with its log message) for graphs on the
+  CPU. ``torch.compile`` refuses ``mode=`` together with ``options=``, so this option is how
+  to have both; ``mode="reduce-overhead"`` without options (e.g. with a :class:`Backend`
+  object) sets it too.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ __all__ = ["BACKEND_OPTIONS", "INNER_COMPILERS", "KERNEL_CHOICES", "CompileOptio
 
 INNER_COMPILERS = ("inductor", "eager")
 KERNEL_CHOICES = ("auto", "triton", "aten")
-BACKEND_OPTIONS = ("inner", "fuse", "decode", "kernels", "calibration")
+BACKEND_OPTIONS = ("inner", "fuse", "decode", "kernels", "calibration", "cudagraphs")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -68,6 +74,7 @@ class CompileOptions:
     decode: bool = True
     kernels: str = "auto"
     calibration: Any = None
+    cudagraphs: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, QSparseConfig):
@@ -78,6 +85,10 @@ class CompileOptions:
         _flag("decode", self.decode)
         _choice("kernels", self.kernels, KERNEL_CHOICES)
         _calibration(self.calibration)
+        _flag("cudagraphs", self.cudagraphs)
+        if self.cudagraphs and self.inner != "inductor":
+            raise ValueError(f"option 'cudagraphs': CUDA graphs are captured by Inductor, so "
+                             f"they need inner='inductor', got inner={self.inner!r}")
 
     @classmethod
     def parse(cls, options: CompileOptions | QSparseConfig | Mapping[str, Any] | None = None,
@@ -108,5 +119,5 @@ class CompileOptions:
         """Sparsity and backend options as one dict (``parse`` gives the same object back)."""
         out = self.config.to_dict()
         out.update(inner=self.inner, fuse=self.fuse, decode=self.decode, kernels=self.kernels,
-                   calibration=self.calibration)
+                   calibration=self.calibration, cudagraphs=self.cudagraphs)
         return out

@@ -31,7 +31,7 @@ from .passes.rotate import RotatedInput
 from .plan import resolve_plan
 from .roles import ProjectionRoles, projection_roles, role_of
 
-COLUMNS = ("path", "role", "shape", "method", "quant", "sparsity", "k", "params",
+COLUMNS = ("path", "role", "shape", "method", "quant", "weights", "sparsity", "k", "params",
            "activated_params")
 
 
@@ -67,6 +67,7 @@ def projection_row(path: str, in_features: int, out_features: int, plan: Project
         "shape": (f"{experts}x" if experts else "") + f"{out_features}x{in_features}",
         "method": method,
         "quant": plan.quant,
+        "weights": plan.weights,
         "sparsity": round(float(sparsity), 6),
         "k": int(kept),
         "params": params,

@@ -135,3 +135,17 @@ def upstream_like(x: torch.Tensor, seed: int) -> torch.Tensor:
     """A deterministic, non-trivial upstream gradient with ``x``'s shape and dtype."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(x.shape, generator=g).to(x.dtype)
+
+
+def _divisors(d: int) -> list[int]:
+    return [m for m in range(1, d + 1) if d % m == 0]
+
+
+@st.composite
+def kernel_selections(draw, D: int) -> tuple[int, int, int]:
+    """``(k, n, m)`` as the fused decode kernels take it: top-K with any ``k`` in ``[1, D]``
+    (``m == 0``; ``k == D`` keeps every entry), or block ``n:m`` with ``m`` dividing ``D``."""
+    if draw(st.booleans()):
+        return draw(st.integers(1, D)), 0, 0
+    m = draw(st.sampled_from(_divisors(D)))
+    return 0, draw(st.integers(1, m)), m

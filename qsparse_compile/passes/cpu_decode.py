@@ -25,9 +25,16 @@ Conditions (otherwise the group is left as it is, and later passes may fuse its 
   compiles a frame under the caller's grad mode (a model called under ``torch.no_grad()`` is
   compiled under it), and a graph compiled with grad on is never reused with grad off: grad
   mode is guarded on. The pass manager runs this lowering only then.
-* the sparsify is top-K or block N:M on a fp32/bf16 activation, with no int8 quantizer after
-  it and no user other than the group's projections (through row-preserving views);
-* every weight (and bias) is a real CPU tensor of the activation's dtype, not quantized;
+* the sparsify is top-K or block N:M on a fp32/bf16 activation, with no user other than the
+  group's projections (through row-preserving views), and no int8 quantizer after it;
+* every weight (and bias) is a real CPU tensor of the activation's dtype, not quantized.
+
+Weight formats (``weights=``, ``head_weights=``, ``quant="bitnet"``): a group whose products
+read their weights through one weight fake quantizer (int8, int4, ternary; the same for every
+member) becomes ``qsparse.cpu_packed_linear`` over the weights packed once
+(:mod:`qsparse_compile.codegen.cpu.packed_weights`). Such a group may also follow an int8
+quantizer (``quant="int8"``/``"bitnet"``: the kernel quantizes the kept values per row), or no
+sparsify at all (the output head with ``head_weights``: ``k = D`` keeps every entry);
 * the graph's rows per call (product of the leading dimensions) are static and at most
   ``max_sparse_rows``, which the measured cost model decides for the group's shape
   (``choose_sparse``): the largest of 1, 2, 4, 8 rows for which the

@@ -2,18 +2,9 @@
 
 One call computes ``y = sparsify(x) @ wt + bias`` for 1..8 dense activation rows ``x``:
 
-1. **Select** (per row, one thread): the ``k`` largest ``|x|`` (top-K) or the ``n`` largest of
-   every ``m`` consecutive entries (block N:M), exactly as DESIGN.md says. ``|x|`` is compared
-   as an integer key (the magnitude's bit pattern, every NaN mapped to one key above +inf), so
-   the k-th largest key is found by a radix select: an 11-bit histogram over the key's top bits
-   narrows the candidates to one bin, two 10-bit passes (or a sort once few are left) finish it.
-   A final pass in index order keeps keys above the threshold and the first ``take`` keys equal
-   to it, which is the lower-index tie-break. Blocks of up to 32 entries rank each entry against
-   its group directly (``m^2`` compares that vectorise), longer blocks use the radix select.
-2. **Rescale** (optional): multiply the kept values by ``||x|| / ||x_kept||`` (1 when the kept
-   norm is 0 or NaN, as the reference's ``where(kept > 0, ...)`` does); bf16 rows are rounded to
-   bf16 after this, as the reference rounds the sparsified activation before the product.
-3. **Sparse GEMV** over the union of the rows' kept features: each kept feature reads one
+1. **Select**, rescale and unite the rows' kept features, as :mod:`.select_c` says (the C text
+   every CPU decode kernel shares).
+2. **Sparse GEMV** over the union of the rows' kept features: each kept feature reads one
    contiguous row of ``wt = W^T`` (``[in_features, out_features]``, K-major); a feature no row
    kept is never read, which is where the speed-up of a memory-bound decode step comes from.
    Accumulation is fp32. Threads split the *kept rows* (each thread streams whole weight rows,

@@ -27,6 +27,22 @@ def test_cost_model_measures_and_caches(tmp_path, monkeypatch):
     cost_model.clear_cache()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4", "ternary"])
+def test_cost_model_times_the_packed_kernel_per_format(tmp_path, monkeypatch, fmt):
+    """A weight format is a calibration of its own: the packed kernel against the same
+    fallback, cached under its own key."""
+    monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
+    cost_model.clear_cache()
+    cal = cost_model.calibrate(64, 96, 2, torch.float32, repeats=3, fmt=fmt)
+    assert cal.kernel == f"packed_linear_{fmt}"
+    assert cal.dense_ms > 0 and all(t > 0 for t in cal.sparse_ms)
+    plain = cost_model.calibrate(64, 96, 2, torch.float32, repeats=3)
+    assert plain.kernel == "topk_linear"
+    assert len(list((tmp_path / "cpu" / "cost_model").glob("*.json"))) == 2
+    assert isinstance(cost_model.choose_sparse(64, 96, 2, torch.float32, 0.5, fmt=fmt), bool)
+    cost_model.clear_cache()
+
+
 def test_cost_model_prediction_and_errors():
     cal = cost_model.Calibration(4096, 4096, 1, "float32", 2, dense_ms=4.0, sparse_ms=(1.0, 3.0))
     assert cal.kernel == "topk_linear"

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import kernel_selections
 
 from qsparse_compile import reference
 from qsparse_compile.codegen.cpu.packed_linear_op import (
@@ -43,19 +44,6 @@ FAKE_QUANT = {
     "ternary": ternary_fake_quant,
 }
 WIDTHS = [1, 7, 31, 32, 33, 70, 96]
-
-
-def _divisors(d: int) -> list[int]:
-    return [m for m in range(1, d + 1) if d % m == 0]
-
-
-@st.composite
-def selections(draw, D: int) -> tuple[int, int, int]:
-    """(k, n, m): top-K with any k in [1, D] (D: keep all), or block n:m with m dividing D."""
-    if draw(st.booleans()):
-        return draw(st.integers(1, D)), 0, 0
-    m = draw(st.sampled_from(_divisors(D)))
-    return 0, draw(st.integers(1, m)), m
 
 
 def _weights(outs: list[int], D: int, g: torch.Generator, pattern: str) -> list[torch.Tensor]:
@@ -147,7 +135,7 @@ def test_kernel_matches_reference(data, fmt, dtype, D, N, rows, pattern, rescale
                                   seed):
     dt = DTYPES[dtype]
     g = torch.Generator().manual_seed(seed)
-    k, n, m = data.draw(selections(D))
+    k, n, m = data.draw(kernel_selections(D))
     weights = _weights([N], D, g, "randn")
     packed = prepare_packed_weight(weights, fmt)
     x = _activations(rows, D, dt, pattern, g)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import kernel_selections
 
 from qsparse_compile.codegen.cpu import (
     cpu_topk_linear,
@@ -24,19 +25,6 @@ from qsparse_compile.codegen.cpu.topk_linear_op import MAX_ROWS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WIDTHS = [1, 3, 17, 40, 100]
-
-
-def _divisors(d: int) -> list[int]:
-    return [m for m in range(1, d + 1) if d % m == 0]
-
-
-@st.composite
-def selections(draw, D: int) -> tuple[int, int, int]:
-    """(k, n, m): top-K with any k in [1, D], or block n:m with m dividing D."""
-    if draw(st.booleans()):
-        return draw(st.integers(1, D)), 0, 0
-    m = draw(st.sampled_from(_divisors(D)))
-    return 0, draw(st.integers(1, m)), m
 
 
 def _activations(rows: int, D: int, dtype: torch.dtype, pattern: str,
@@ -66,7 +54,7 @@ def _assert_close_to_reference(y: torch.Tensor, ref: torch.Tensor, xs_abs_w: tor
 def test_selection_matches_reference_through_identity_weight(data, dtype, D, rows, pattern,
                                                               rescale, seed):
     dt = DTYPES[dtype]
-    k, n, m = data.draw(selections(D))
+    k, n, m = data.draw(kernel_selections(D))
     x = _activations(rows, D, dt, pattern, torch.Generator().manual_seed(seed))
     eye = torch.eye(D, dtype=dt)
     y = cpu_topk_linear(x, k, n, m, rescale, eye, None, MAX_ROWS)
@@ -89,7 +77,7 @@ def test_selection_matches_reference_through_identity_weight(data, dtype, D, row
        with_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_product_matches_reference(data, dtype, D, N, rows, pattern, rescale, with_bias, seed):
     dt = DTYPES[dtype]
-    k, n, m = data.draw(selections(D))
+    k, n, m = data.draw(kernel_selections(D))
     g = torch.Generator().manual_seed(seed)
     x = _activations(rows, D, dt, pattern, g)
     weight_t = torch.randn(D, N, generator=g).to(dt)
