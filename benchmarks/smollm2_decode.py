@@ -98,9 +98,10 @@ def weight_bytes(model: torch.nn.Module, sparsity: float, weights: str | None = 
             k = D if plan.method is None else topk_count(D, plan.sparsity)
             read = size * k / D if plan.weights is None else \
                 PackedLayout(plan.weights, D, N).read_bytes(k)
-            kind = "head" if module is head else "projections"
-            out[f"{kind}_dense" if kind == "projections" else "head"] += size + bias
-            out[f"{kind}_sparse"] += read + bias
+            dense, sparse = ("head", "head_sparse") if module is head else \
+                ("projections_dense", "projections_sparse")
+            out[dense] += size + bias
+            out[sparse] += read + bias
     for name, param in model.named_parameters():
         if id(param) in seen:
             continue

@@ -95,12 +95,21 @@ def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
     return best
 
 
+def _out_in(members: list[Member]) -> list[torch.Tensor]:
+    """The members' weights as ``[out, in]`` (a Conv1D ``[in, out]`` weight transposed)."""
+    return [m.weight if m.layout == "out_in" else m.weight.t() for m in members]
+
+
 def _prepared_weight(members: list[Member], dtype: torch.dtype) -> torch.Tensor:
     """``cat([W_i^T])``; a single ``[in, out]`` weight is used as it is (already K-major)."""
     if len(members) == 1 and members[0].layout == "in_out" and members[0].weight.stride(1) == 1:
         return members[0].weight.detach()
-    return topk_linear_op.prepare_group_weight(
-        [m.weight if m.layout == "out_in" else m.weight.t() for m in members], "out_in", dtype)
+    return topk_linear_op.prepare_group_weight(_out_in(members), "out_in", dtype)
+
+
+def _packed_weight(members: list[Member], fmt: str) -> torch.Tensor:
+    """The members' weights packed side by side in ``fmt`` (:mod:`.packed_linear_op`)."""
+    return packed_linear_op.prepare_packed_weight(_out_in(members), fmt)
 
 
 def _selection(x_node: torch.fx.Node, copies: bool, formats: bool):
@@ -184,11 +193,13 @@ def lower_cpu_decode(
         D = int(meta.shape[-1])
         if sparsify is None:
             k, n, m, rescale = D, 0, 0, False  # the whole row
-        elif sparsify.target == qsparse.topk_sparsify.default:
-            k, n, m, rescale = arguments(sparsify)["k"], 0, 0, arguments(sparsify)["rescale"]
         else:
             sargs = arguments(sparsify)
-            k, n, m, rescale = 0, sargs["n"], sargs["m"], sargs["rescale"]
+            rescale = sargs["rescale"]
+            if sparsify.target == qsparse.topk_sparsify.default:
+                k, n, m = sargs["k"], 0, 0
+            else:
+                k, n, m = 0, sargs["n"], sargs["m"]
         density = k / D if m == 0 else n / m
         total_out = sum(mb.out_features for mb in members)
         max_rows = decide(D, total_out, meta.dtype, density) if fmt is None else \
@@ -197,16 +208,10 @@ def lower_cpu_decode(
             continue
         like = sparsify if sparsify is not None else x_node
         with graph.inserting_before(members[0].node):
-            if fmt is None:
-                wt_node, b_node = prepared_constants(
-                    add_constant, members, meta.dtype, like,
-                    lambda group, dtype=meta.dtype: _prepared_weight(group, dtype))
-            else:
-                wt_node, b_node = prepared_constants(
-                    add_constant, members, meta.dtype, like,
-                    lambda group, fmt=fmt: packed_linear_op.prepare_packed_weight(
-                        [mb.weight if mb.layout == "out_in" else mb.weight.t()
-                         for mb in group], fmt))
+            wt_node, b_node = prepared_constants(
+                add_constant, members, meta.dtype, like,
+                (lambda group, dtype=meta.dtype: _prepared_weight(group, dtype)) if fmt is None
+                else (lambda group, fmt=fmt: _packed_weight(group, fmt)))
             for view in chain:  # sparsify commutes with row-preserving views: view the input
                 x_in = insert_like(graph, view, self=x_in)
             if fmt is None:

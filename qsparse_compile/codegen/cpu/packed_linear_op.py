@@ -198,7 +198,7 @@ def packed_linear(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, quant:
     D = x.shape[-1]
     rows = x.numel() // D if D else 0
     signature = (x.dtype, D, x.is_cpu, fmt, out_features, packed.dtype, packed.shape,
-                 packed.is_cpu, None if bias is None else (bias.dtype, bias.shape,
+                 packed.stride(), packed.is_cpu, None if bias is None else (bias.dtype, bias.shape,
                  bias.is_cpu, bias.is_contiguous()), k, n, m, max_sparse_rows)  # fmt: skip
     if signature not in _VALIDATED:
         _check(x, k, n, m, fmt, out_features, packed, bias, max_sparse_rows)
