@@ -10,14 +10,14 @@ Steps, in order (results are rewritten to ``gpu_suite.json`` and ``gpu_suite.md`
 
 1. **environment**: device, capability, memory, driver (``nvidia-smi`` where present), CUDA,
    torch, Triton and Python versions.
-2. **tests**: pytest in a subprocess with Triton's interpreter off (``TRITON_INTERPRET=0``) on
-   the tests that need a device (:data:`DEVICE_TESTS`); then, with the interpreter on,
-   :data:`INTERPRETER_TESTS` (the CUDA compile check of the rendered kernels and the CUDA-graph
-   tests), or every Triton test file with ``--all-kernel-tests``. The kernel tests under
-   ``tests/codegen/triton`` are wired to CPU tensors and the interpreter (their conftest sets
-   ``TRITON_INTERPRET=1``), so on the device they run as they are; the kernels' correctness on
-   the GPU itself is checked in step 3 (each GEMV and sparsify against its reference).
-   Pass/fail/skip counts come from pytest's JUnit XML.
+2. **tests**: one pytest run in a subprocess of every kernel test (:data:`KERNEL_TESTS`: the
+   sparsify, N:M, fused norm + top-K + rescale + int8 and decode GEMV kernels, the backend's
+   Triton / CUDA path, 2:4 prefill; forward and backward against the references) on CUDA
+   tensors with compiled kernels: ``QSPARSE_TEST_DEVICE=cuda TRITON_INTERPRET=0`` (see
+   ``tests/devices.py``). The tests that exist only for a device (:data:`DEVICE_TESTS`) are in
+   that run; one of them skipping on the device is a failure. Where pytest-xdist is installed
+   the run spreads over ``--test-workers`` processes (every new kernel specialisation is a
+   Triton compile). Pass/fail/skip counts come from pytest's JUnit XML.
 3. **decode GEMV**: ``benchmarks/kernels.py``'s ``bench_shape`` and ``GraphTimer`` (CUDA graph
    replays between CUDA events; weights rotate through copies four times the L2 cache, so
    every call reads DRAM) on Llama-7B / Llama-3-8B shapes (4096x4096, 11008x4096, 4096x11008,
@@ -37,7 +37,10 @@ Steps, in order (results are rewritten to ``gpu_suite.json`` and ``gpu_suite.md`
    prefill (random weights make near-ties common in bf16: reported, not a failure).
 
 ``--cpu-dry-run`` runs the same steps on the CPU with tiny shapes (``TRITON_INTERPRET=1`` set
-before Triton is imported): the device tests (which skip there), the GEMV at 64x64, 1 row, one
+before Triton is imported): the same pytest selection with ``QSPARSE_TEST_DEVICE=cpu
+TRITON_INTERPRET=1``, every test collected but, to stay quick, only :data:`DRY_RUN_TESTS` run
+(the device tests, which skip there, and the check that the switch reached the kernels;
+``--all-kernel-tests`` runs them all in the interpreter), the GEMV at 64x64, 1 row, one
 sparsity in the interpreter (timed with ``perf_counter``: a check that it runs, not a speed),
 and a 2-layer hidden-64 Llama decoding 4 tokens with Inductor, without CUDA graphs (Inductor
 captures none on the CPU, so the option is not passed). It is what CI runs.
@@ -49,10 +52,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import platform
+import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -65,25 +71,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-#: tests that need a CUDA device, run with the interpreter off (they skip without a device)
+#: every kernel test, run on the test device: the Triton kernels (every file under
+#: tests/codegen/triton), the backend's Triton / CUDA path, 2:4 prefill, CUDA graphs
+KERNEL_TESTS = [
+    "tests/codegen/triton",
+    "tests/passes/test_cuda_decode.py",
+    "tests/passes/test_triton_lowering.py",
+    "tests/passes/test_block_prefill.py",
+    "tests/codegen/test_semi_structured.py",
+    "tests/test_backend_cudagraphs.py",
+]
+#: tests that exist only for a CUDA device (they skip elsewhere; on the device a skip fails)
 DEVICE_TESTS = [
     "tests/passes/test_cuda_decode.py::test_auto_on_cuda_selects_triton",
     "tests/codegen/test_semi_structured.py::test_semi_structured_branch_on_gpu",
 ]
-#: run with the interpreter on: the rendered kernels compiled for the device's architecture
-#: through Triton's whole pipeline, and the backend's CUDA-graph handling
-INTERPRETER_TESTS = [
-    "tests/codegen/triton/test_triton_compile_cuda.py",
-    "tests/test_backend_cudagraphs.py",
-]
-#: ``--all-kernel-tests``: every Triton / CUDA test file, in the interpreter
-ALL_KERNEL_TESTS = [
-    "tests/codegen/triton",
-    "tests/passes/test_cuda_decode.py",
-    "tests/passes/test_triton_lowering.py",
-    "tests/codegen/test_semi_structured.py",
-    "tests/test_backend_cudagraphs.py",
-]
+#: what ``--cpu-dry-run`` runs of the selection (by test name; the rest is collected only): the
+#: device tests and the check that the device switch reached the kernels' registration
+DRY_RUN_TESTS = [t.split("::")[1] for t in DEVICE_TESTS] + ["test_registration_mode"]
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]
 GEMV_SPARSITIES = [0.0, 0.4, 0.5, 0.6]
@@ -104,7 +109,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="the same steps on the CPU with tiny shapes (CI)")
     parser.add_argument("--all-kernel-tests", action="store_true",
-                        help="also run every Triton test file (interpreter) in step 2")
+                        help="--cpu-dry-run: run every kernel test in the interpreter, not only "
+                             "the few that check the wiring (on CUDA all of them always run)")
     parser.add_argument("--skip", default="",
                         help="comma list of steps to skip: tests, gemv, decode")
     parser.add_argument("--quick", action="store_true",
@@ -115,7 +121,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="timed decodes per path")
     parser.add_argument("--repeats", type=int, default=20, help="GEMV: timed graph replays")
     parser.add_argument("--inner", type=int, default=10, help="GEMV: calls per graph")
-    parser.add_argument("--test-timeout", type=int, default=900, help="seconds per pytest run")
+    parser.add_argument("--test-timeout", type=int, default=300,
+                        help="seconds per pytest run (the device allows 10 minutes a command)")
+    parser.add_argument("--test-workers", type=int, default=8,
+                        help="CUDA: pytest-xdist workers for the kernel tests where xdist is "
+                             "installed (each new kernel specialisation is a Triton compile; "
+                             "workers compile in parallel); 0 or 1: one process")
     args = parser.parse_args(argv)
     args.out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     if args.out is None:
@@ -156,11 +167,15 @@ class Report:
         tests = steps.get("tests", {})
         lines += ["", "## Tests", ""]
         if tests.get("runs"):
-            lines += ["| run | TRITON_INTERPRET | tests | passed | failed | errors | skipped |"
-                      " rc |", "|---|---|---|---|---|---|---|---|"]
+            lines += ["| run | QSPARSE_TEST_DEVICE | TRITON_INTERPRET | tests | passed | failed "
+                      "| errors | skipped | deselected | rc |", "|" + "---|" * 10]
             for r in tests["runs"]:
-                lines.append(f"| {r['name']} | {r['interpret']} | {r['tests']} | {r['passed']} "
-                             f"| {r['failures']} | {r['errors']} | {r['skipped']} | {r['rc']} |")
+                lines.append(f"| {r['name']} | {r['device']} | {r['interpret']} | {r['tests']} "
+                             f"| {r['passed']} | {r['failures']} | {r['errors']} "
+                             f"| {r['skipped']} | {r['deselected']} | {r['rc']} |")
+                if r["device"] == "cuda" and r.get("device_tests_skipped"):
+                    lines += ["", "device tests skipped on the device: "
+                              + ", ".join(r["device_tests_skipped"])]
             if tests.get("note"):
                 lines += ["", tests["note"]]
         else:
@@ -265,12 +280,31 @@ def environment() -> dict:
 
 # --- 2. tests ------------------------------------------------------------------------------
 
-def _pytest(name: str, targets: list[str], interpret: str, out: Path, timeout: int) -> dict:
+def _skipped_device_tests(root: ET.Element) -> list[str]:
+    """The :data:`DEVICE_TESTS` (``path::name``, any parametrisation) the JUnit XML reports as
+    skipped."""
+    wanted = {(path[:-3].replace("/", "."), name)
+              for path, name in (t.split("::") for t in DEVICE_TESTS)}
+    skipped = []
+    for case in root.iter("testcase"):
+        key = (case.get("classname", ""), case.get("name", "").split("[")[0])
+        if key in wanted and case.find("skipped") is not None:
+            skipped.append(f"{key[0]}::{case.get('name')}")
+    return skipped
+
+
+def _pytest(name: str, targets: list[str], device: str, out: Path, timeout: int,
+            extra: tuple[str, ...] = ()) -> dict:
+    """One pytest run of ``targets`` with ``QSPARSE_TEST_DEVICE=device`` (and the interpreter on
+    exactly for ``cpu``); its counts from the JUnit XML, its output under ``out``."""
     xml = out / f"pytest-{name}.xml"
-    env = {**os.environ, "TRITON_INTERPRET": interpret, "PYTHONUNBUFFERED": "1"}
+    interpret = "1" if device == "cpu" else "0"
+    env = {**os.environ, "QSPARSE_TEST_DEVICE": device, "TRITON_INTERPRET": interpret,
+           "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-           f"--junitxml={xml}", *targets]
-    print(f"$ TRITON_INTERPRET={interpret} {' '.join(cmd[1:])}", flush=True)
+           f"--junitxml={xml}", *extra, *targets]
+    print(f"$ QSPARSE_TEST_DEVICE={device} TRITON_INTERPRET={interpret} "
+          f"{shlex.join(['python', *cmd[1:]])}", flush=True)
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False,
                               capture_output=True, text=True)
@@ -282,32 +316,52 @@ def _pytest(name: str, targets: list[str], interpret: str, out: Path, timeout: i
     print(output[-6000:], flush=True)
     (out / f"pytest-{name}.log").write_text(output)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    skipped_device = []
     if xml.exists():
         root = ET.parse(xml).getroot()
         for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
             for key in counts:
                 counts[key] += int(suite.get(key, 0))
+        skipped_device = _skipped_device_tests(root)
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {"name": name, "interpret": interpret, "targets": targets, "rc": rc,
-            "passed": passed, **counts}
+    deselected = re.search(r"(\d+) deselected", output)
+    return {"name": name, "device": device, "interpret": interpret, "targets": targets,
+            "extra": list(extra), "rc": rc, "passed": passed,
+            "deselected": int(deselected.group(1)) if deselected else 0,
+            "device_tests_skipped": skipped_device, **counts}
+
+
+def _selection() -> list[str]:
+    """:data:`KERNEL_TESTS`, and any device test outside them (none today)."""
+    def covered(test: str) -> bool:
+        path = test.split("::")[0]
+        return any(path == k or path.startswith(k.rstrip("/") + "/") for k in KERNEL_TESTS)
+
+    return KERNEL_TESTS + [t for t in DEVICE_TESTS if not covered(t)]
 
 
 def tests(args: argparse.Namespace, cuda: bool) -> dict:
-    runs = [_pytest("device", DEVICE_TESTS, "0" if cuda else "1", args.out, args.test_timeout)]
     if cuda:
-        runs.append(_pytest("interpreter", ALL_KERNEL_TESTS if args.all_kernel_tests
-                            else INTERPRETER_TESTS, "1", args.out, args.test_timeout))
-    failed = [r["name"] for r in runs if r["rc"] != 0 or r["failures"] or r["errors"]
-              or r["tests"] == 0]
-    note = ("The device tests run with TRITON_INTERPRET=0; the Triton kernel tests under "
-            "tests/codegen/triton are wired to CPU tensors and the interpreter (their conftest "
-            "sets TRITON_INTERPRET=1), so they run in the interpreter; the kernels on the GPU "
-            "are checked against their references in the GEMV step.")
-    if not cuda:
-        note = "CPU dry run: the device tests skip without a CUDA device."
-    return {"status": "failed" if failed else "ok", "runs": runs, "note": note,
-            **({"error": f"pytest runs failed: {failed} (logs: pytest-*.log)"}
-               if failed else {})}
+        workers = args.test_workers if importlib.util.find_spec("xdist") else 0
+        extra = ("-n", str(workers)) if workers > 1 else ()
+        run = _pytest("kernels", _selection(), "cuda", args.out, args.test_timeout, extra)
+        note = ("Every kernel test ran on CUDA tensors with compiled kernels "
+                "(QSPARSE_TEST_DEVICE=cuda TRITON_INTERPRET=0), the device-only tests among "
+                "them" + (f"; {workers} pytest-xdist workers." if extra else "."))
+    else:
+        extra = () if args.all_kernel_tests else ("-k", " or ".join(DRY_RUN_TESTS))
+        run = _pytest("kernels", _selection(), "cpu", args.out, args.test_timeout, extra)
+        note = ("CPU dry run (QSPARSE_TEST_DEVICE=cpu TRITON_INTERPRET=1): the same selection, "
+                + ("every test run in the interpreter; " if args.all_kernel_tests else
+                   f"every test collected, {', '.join(DRY_RUN_TESTS)} run; ")
+                + "the device tests skip without a CUDA device.")
+    errors = []
+    if run["rc"] != 0 or run["failures"] or run["errors"] or run["tests"] == 0:
+        errors.append(f"pytest run failed (rc {run['rc']}; log: pytest-{run['name']}.log)")
+    if cuda and run["device_tests_skipped"]:  # a device test that skips checked nothing
+        errors.append(f"device tests skipped on the device: {run['device_tests_skipped']}")
+    return {"status": "failed" if errors else "ok", "runs": [run], "note": note,
+            **({"error": "; ".join(errors)} if errors else {})}
 
 
 # --- 3. decode GEMV ------------------------------------------------------------------------

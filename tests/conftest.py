@@ -2,13 +2,23 @@
 
 import os
 
-# The Triton kernel tests run on CPU tensors in Triton's interpreter, which works only if
-# TRITON_INTERPRET=1 is set before ``triton.language`` is first imported: its standard library
-# functions (``tl.zeros``, ``tl.sum``, ...) are decorated at that moment. ``import
-# qsparse_compile`` imports torch._dynamo, which imports Triton where it is installed, and
-# every test module imports the package at collection, before the Triton directory's own
-# conftest runs; so the variable is set here, first.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import devices
+
+# The kernel tests run where ``QSPARSE_TEST_DEVICE`` says (see ``devices``): on ``cpu`` (the
+# default) in Triton's interpreter, which works only if TRITON_INTERPRET=1 is set before
+# ``triton.language`` is first imported: its standard library functions (``tl.zeros``,
+# ``tl.sum``, ...) are decorated at that moment. ``import qsparse_compile`` imports
+# torch._dynamo, which imports Triton where it is installed, and every test module imports the
+# package at collection, before the Triton directory's own conftest runs; so the variable is set
+# here, first. On ``cuda`` the interpreter is forced off: those runs exist to launch the compiled
+# kernels. An invalid value is reported by ``pytest_configure`` below.
+try:
+    if devices.interpret():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    else:
+        os.environ["TRITON_INTERPRET"] = "0"
+except devices.DeviceChoiceError:
+    pass
 
 import inspect  # noqa: E402
 
@@ -22,6 +32,15 @@ settings.register_profile(
 )
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def pytest_configure(config):
+    """Refuse an invalid ``QSPARSE_TEST_DEVICE`` (or ``cuda`` without CUDA) before collecting
+    anything: a run on the wrong device would pass without checking what it was asked to."""
+    try:
+        devices.selected_device()
+    except devices.DeviceChoiceError as error:
+        raise pytest.UsageError(str(error)) from None
 
 
 @pytest.fixture

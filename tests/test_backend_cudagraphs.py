@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch._inductor.compile_fx as inductor_compile_fx
 from assertions import raises_naming
+from devices import selected_device
 from hf_models import HF_MODELS, token_ids
 
 from qsparse_compile import Backend
@@ -239,25 +240,28 @@ def _uncapturable(gm: torch.fx.GraphModule) -> list[str]:
 def test_hf_decode_graph_is_capturable(kernels, monkeypatch, tmp_path):
     """Prefill and a one-token decode step of a tiny Llama with a static cache, grad off: every
     graph the passes produce is free of host syncs and data-dependent shapes, on the CPU decode
-    path and on the Triton path (the one CUDA weights take)."""
+    path and on the Triton path (the one CUDA weights take). The Triton case runs on the test
+    device (``QSPARSE_TEST_DEVICE``: kernels compiled on ``cuda``); the CPU decode path is CPU's."""
+    device = torch.device("cpu")
     if kernels == "triton":
         pytest.importorskip("triton", reason="triton is not installed: the Triton path needs it")
         monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path / "kernels"))
+        device = selected_device()
     else:
         monkeypatch.setattr(cpu_decode, "_max_sparse_rows", lambda *args: 8)  # decode sparse
     from transformers import StaticCache
 
-    model = HF_MODELS["llama"].build()
-    prompt = token_ids(batch=1, seq=3)
+    model = HF_MODELS["llama"].build().to(device)
+    prompt = token_ids(batch=1, seq=3).to(device)
     backend = Backend(sparsity=0.5, inner="eager", kernels=kernels)
     forward = torch.compile(model.forward, backend=backend, dynamic=False, fullgraph=True)
     with torch.no_grad():
         cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + 2)
         out = forward(input_ids=prompt, past_key_values=cache,
-                      cache_position=torch.arange(prompt.shape[1]), use_cache=True)
+                      cache_position=torch.arange(prompt.shape[1], device=device), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         forward(input_ids=token, past_key_values=cache,
-                cache_position=torch.tensor([prompt.shape[1]]), use_cache=True)
+                cache_position=torch.tensor([prompt.shape[1]], device=device), use_cache=True)
     assert len(backend.results) == 2  # prefill, decode
     decode = backend.results[-1]
     assert decode.inference

@@ -3,17 +3,22 @@
 The semi-structured branch runs only on an sm80+ GPU (the last test, skipped elsewhere); on a
 CPU-only machine these tests check the gate's decisions as a pure function and that the CUDA
 implementation of ``qsparse::block_sparse_linear``, given CPU tensors, takes the dense fallback
-and equals the reference.
+and equals the reference. The fallback and gradient tests run on the test device
+(``QSPARSE_TEST_DEVICE``, see ``tests/devices.py``): with ``cuda``, on CUDA tensors too small for
+the semi-structured branch.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from devices import selected_device
 
 from qsparse_compile import reference
 from qsparse_compile.codegen import semi_structured as ss
 from qsparse_compile.codegen.semi_structured import cuda_block_sparse_linear
+
+DEVICE = selected_device()
 
 
 @pytest.mark.parametrize("n,m,fits", [
@@ -56,15 +61,16 @@ def _masked(rows: int, d: int, n: int, m: int, dtype=torch.float32) -> torch.Ten
 
 
 def test_gate_is_false_on_cpu_tensors():
+    """CPU tensors whatever the test device: the gate's answer for them."""
     x = _masked(64, 128, 2, 4, torch.float16)
     assert not ss.semi_structured_supported(x, torch.randn(96, 128).half(), 2, 4)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_cuda_implementation_falls_back_to_dense_on_the_masked_input(bias):
-    x = _masked(6, 32, 2, 4).reshape(2, 3, 32)
-    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(1))
-    b = torch.randn(12) if bias else None
+    x = _masked(6, 32, 2, 4).reshape(2, 3, 32).to(DEVICE)
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    b = torch.randn(12).to(DEVICE) if bias else None
     expected = x @ w.t() + (b if bias else 0)
     got = cuda_block_sparse_linear(x, w, b, 2, 4)
     torch.testing.assert_close(got, expected)
@@ -75,9 +81,9 @@ def test_cuda_implementation_falls_back_to_dense_on_the_masked_input(bias):
 def test_op_checks_and_gradients():
     from torch.library import opcheck
 
-    x = _masked(5, 16, 2, 4).requires_grad_()
-    w = torch.randn(7, 16, requires_grad=True)
-    b = torch.randn(7, requires_grad=True)
+    x = _masked(5, 16, 2, 4).to(DEVICE).requires_grad_()
+    w = torch.randn(7, 16).to(DEVICE).requires_grad_()
+    b = torch.randn(7).to(DEVICE).requires_grad_()
     opcheck(torch.ops.qsparse.block_sparse_linear, (x, w, b, 2, 4))
     with pytest.raises(ValueError, match=r"qsparse.block_sparse_linear: the last dimension "
                                          r"\(16\) must be a multiple of m=3"):
@@ -99,7 +105,8 @@ def _sm80() -> bool:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_semi_structured_branch_on_gpu(dtype):
     """GPU only: the sparse product with the activation compressed along its features equals
-    the dense product on the masked input (fp32 accumulation in both, one rounding apart)."""
+    the dense product on the masked input (fp32 accumulation in both, one rounding apart); the
+    op's straight-through backward is the dense product's."""
     x = _masked(70, 128, 2, 4, dtype).cuda()  # 70 rows: padded to the row multiple
     w = torch.randn(96, 128, device="cuda").to(dtype)
     b = torch.randn(96, device="cuda").to(dtype)
@@ -109,3 +116,10 @@ def test_semi_structured_branch_on_gpu(dtype):
                                rtol=2e-2)
     torch.testing.assert_close(cuda_block_sparse_linear(x, w, b, 2, 4), expected, atol=2e-2,
                                rtol=2e-2)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    torch.ops.qsparse.block_sparse_linear(*leaves, 2, 4).float().sum().backward()
+    grads = [t.grad for t in leaves]
+    dense = [t.detach().requires_grad_() for t in (x, w, b)]
+    torch.nn.functional.linear(*dense).float().sum().backward()
+    for got, want in zip(grads, (t.grad for t in dense), strict=True):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

@@ -1,9 +1,11 @@
 """The Triton decode path: projection groups collapse to ``qsparse_triton.sparse_gemv``.
 
 Tiny Hugging Face models compiled through the backend under ``torch.no_grad()``, one token per
-call (decode), ``inner="eager"``. ``kernels="triton"`` forces the Triton path on CPU tensors, so
-the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``):
-this is how a machine without a GPU checks what ``kernels="auto"`` selects for CUDA weights.
+call (decode), ``inner="eager"``. ``kernels="triton"`` forces the Triton path on the test device
+(``QSPARSE_TEST_DEVICE``, see ``tests/devices.py``): on the CPU the kernels run in Triton's
+interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``), which is how a machine without
+a GPU checks what ``kernels="auto"`` selects for CUDA weights; on ``cuda`` they run compiled. The
+reference model runs on the same device as the compiled one.
 Per layer of a Llama-family model there are four groups: q/k/v, o, gate/up and down; the two
 norms before q/k/v and gate/up fuse with their sparsify (``norm_sparsify``).
 """
@@ -17,6 +19,7 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed: the Triton path needs it")
 
 import torch  # noqa: E402
+from devices import selected_device  # noqa: E402
 from hf_models import HF_MODELS, LAYERS, token_ids  # noqa: E402
 from op_counts import CountingBackend, dense_projections  # noqa: E402
 
@@ -27,6 +30,7 @@ from qsparse_compile.reference import reference_model  # noqa: E402
 GROUPS = 4 * LAYERS
 SLICES = {"llama": 5 * LAYERS, "qwen2": 5 * LAYERS, "gpt2": 0}  # q/k/v: 3 views, gate/up: 2
 TRITON = {"kernels": "triton"}
+DEVICE = selected_device()
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -75,8 +79,8 @@ CASES = {
 
 @pytest.mark.parametrize("name,options", list(CASES.values()), ids=list(CASES))
 def test_groups_become_triton_gemv_and_match_reference(name, options):
-    model = HF_MODELS[name].build()
-    ids = token_ids(batch=1, seq=1)
+    model = HF_MODELS[name].build().to(DEVICE)
+    ids = token_ids(batch=1, seq=1).to(DEVICE)
     (out,), backend = _run(model, {**options, **TRITON}, ids)
     before, after = backend.before_live[0], backend.after[0]
     ops = by_namespace(backend.graphs[0])
@@ -91,7 +95,7 @@ def test_groups_become_triton_gemv_and_match_reference(name, options):
     assert ops["qsparse_triton::topk_sparsify"] == 2 * LAYERS  # o and down
     assert not any(op.startswith("qsparse::") and op.endswith("sparsify") for op in ops)
     result = backend.results[0]
-    assert (result.triton, result.decode, result.lowered) == ("cpu", GROUPS, 4 * LAYERS)
+    assert (result.triton, result.decode, result.lowered) == (DEVICE.type, GROUPS, 4 * LAYERS)
     tolerance = 1e-4 if options.get("quant") else 2e-5
     torch.testing.assert_close(out, _reference(model, options, ids), atol=tolerance,
                                rtol=tolerance)
@@ -109,8 +113,8 @@ def test_weights_prepared_once(monkeypatch):
         return real(members, dtype)
 
     monkeypatch.setattr(cuda_decode, "k_major_weight", spy)
-    model = HF_MODELS["llama"].build()
-    ids = token_ids(batch=1, seq=1)
+    model = HF_MODELS["llama"].build().to(DEVICE)
+    ids = token_ids(batch=1, seq=1).to(DEVICE)
     (first, second), backend = _run(model, {"sparsity": 0.5, **TRITON}, ids, calls=2)
     assert backend.calls == 1
     assert prepared == [3, 1, 2, 1] * LAYERS  # q/k/v, o, gate/up, down
@@ -133,7 +137,9 @@ def test_weights_prepared_once(monkeypatch):
 
 
 def test_auto_on_cpu_does_not_pick_triton(monkeypatch):
-    """The default ``kernels="auto"`` keeps CPU graphs on the CPU path (CPU decode op)."""
+    """The default ``kernels="auto"`` keeps CPU graphs on the CPU path (CPU decode op).
+
+    CPU tensors whatever the test device: this is about CPU weights."""
     monkeypatch.setattr(cpu_decode, "_max_sparse_rows", lambda *args: 8)
     model = HF_MODELS["llama"].build()
     ids = token_ids(batch=1, seq=1)
@@ -149,14 +155,14 @@ def test_auto_on_cpu_does_not_pick_triton(monkeypatch):
 def test_grad_enabled_keeps_differentiable_ops():
     """Compiled with grad on, the graph keeps sparse_linear and the qsparse sparsify ops (the
     GEMV and the qsparse_triton ops have no backward)."""
-    model = HF_MODELS["llama"].build()
-    ids = token_ids(batch=1, seq=1)
+    model = HF_MODELS["llama"].build().to(DEVICE)
+    ids = token_ids(batch=1, seq=1).to(DEVICE)
     (out,), backend = _run(model, {"sparsity": 0.5, **TRITON}, ids, grad=True)
     ops = by_namespace(backend.graphs[0])
     assert ops["qsparse::sparse_linear"] == HF_MODELS["llama"].per_layer * LAYERS
     assert not any(op.startswith("qsparse_triton::") for op in ops)
     result = backend.results[0]
-    assert (result.triton, result.decode, result.lowered) == ("cpu", 0, 0)
+    assert (result.triton, result.decode, result.lowered) == (DEVICE.type, 0, 0)
     torch.testing.assert_close(out.detach(), _reference(model, {"sparsity": 0.5}, ids),
                                atol=2e-5, rtol=2e-5)
 
@@ -175,7 +181,8 @@ def test_kernels_option_is_validated():
         compiled(torch.randn(2, 8))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs QSPARSE_TEST_DEVICE=cuda (a CUDA "
+                    "device, kernels compiled with TRITON_INTERPRET=0)")
 def test_auto_on_cuda_selects_triton():
     """GPU only: ``kernels="auto"`` on CUDA weights retargets the graph's sparsify ops (fused
     with the norms) to the Triton kernels and takes every decode group with the Triton GEMV;

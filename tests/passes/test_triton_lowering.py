@@ -1,7 +1,9 @@
 """``retarget_to_triton``: a graph's own ``qsparse`` nodes call the Triton kernels.
 
-Graphs are traced on fake tensors and retargeted, then run on real CPU tensors (the kernels in
-Triton's interpreter, ``TRITON_INTERPRET=1`` from ``tests/conftest.py``). The retargeted graph
+Graphs are traced on fake tensors and retargeted, then run on real tensors of the test device
+(``QSPARSE_TEST_DEVICE``: CPU tensors with the kernels in Triton's interpreter,
+``TRITON_INTERPRET=1`` from ``tests/conftest.py``, or CUDA tensors with compiled kernels), against
+the untouched graph on the same device. The retargeted graph
 computes what the ``qsparse`` ops compute; nodes the kernels do not take keep the ``qsparse``
 op; nothing is registered for the process (an untouched graph still runs the ATen ops).
 """
@@ -13,6 +15,7 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed: the Triton path needs it")
 
 import torch  # noqa: E402
+from devices import selected_device  # noqa: E402
 from op_counts import op_counts  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
@@ -22,10 +25,12 @@ from qsparse_compile.passes.normalise import trace_normalised  # noqa: E402
 from qsparse_compile.passes.triton_lowering import retarget_to_triton  # noqa: E402
 
 q = torch.ops.qsparse
+DEVICE = selected_device()
 
 
 def _x(dtype, *shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    """Seeded values drawn on the CPU, on the test device (the same values on either)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
 
 
 def _traced(fn, *args):

@@ -3,7 +3,9 @@
 The interpreter accepts code the GPU compiler rejects, so a few representative kernels (every
 template branch at Llama widths) are lowered through Triton's whole pipeline to a cubin with the
 ``ptxas`` bundled in the Triton wheel (``compile_check --quick``), in a subprocess without
-``TRITON_INTERPRET``. Installations that cannot compile without a device skip.
+``TRITON_INTERPRET``. Installations that cannot compile without a device skip. Neither test needs
+a device, so both run the same whichever ``QSPARSE_TEST_DEVICE`` is set (on a GPU machine the
+other tests launch the compiled kernels themselves).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ PyTorch's ``x * rstd - mean * rstd``). The checks follow from that:
   powers of two, with such weights) the mask equals the reference's bit for bit;
 * the values equal the reference pipeline applied with the kernel's mask, to within a rounding
   (one int8 step where quantization follows a rescale).
+
+Inputs are built on ``triton_cases.DEVICE``; the references (and the LayerNorm cancellation bound,
+derived for PyTorch's CPU LayerNorm) are computed on the CPU (``cpu_reference``), so the bounds
+compare the kernel with the same values on either device.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from triton_cases import (  # noqa: E402
     DTYPES,
     TIES,
     assert_close_ulps,
+    cpu_reference,
     dtype_id,
+    on_device,
+    randn,
     rows_of,
     ulp,
     widths,
@@ -92,15 +99,16 @@ def _expected(h, mask, rescale, quant):
 def _check(x, norm, weight, bias, k, n, m, rescale, quant, exact_mask=False):
     out, mask = fused_norm.norm_sparsify(x, norm, weight, bias, EPS, k, n, m, rescale, quant,
                                          return_mask=True)
-    h = fused_norm.normalise_reference(x, norm, weight, bias, EPS)
+    h = cpu_reference(fused_norm.normalise_reference, x, norm, weight, bias, EPS)
     assert out.dtype == h.dtype and out.shape == x.shape
     ulps = _ulps(h.dtype, norm)
-    cancel = _cancellation(x, norm, weight)
+    cancel = cpu_reference(_cancellation, x, norm, weight)
     if exact_mask:
-        ref_mask = reference.block_mask(h, n, m) if m else reference.topk_mask(h, k)
+        ref_mask = (cpu_reference(reference.block_mask, h, n, m) if m else
+                    cpu_reference(reference.topk_mask, h, k))
         assert torch.equal(mask, ref_mask)
     _assert_near_topk(mask, h, k, n, m, ulps, cancel)
-    expected = _expected(h, mask, rescale, quant)
+    expected = cpu_reference(_expected, h, mask, rescale, quant)
     atol = cancel * (2.0 if rescale else 1.0)
     if quant:
         # one int8 step of the row's scale, for a pre-quant value one rounding off
@@ -122,11 +130,11 @@ def _cases(draw, dtype, norm):
     if w_kind != "none":
         w_dtype = torch.float32 if w_kind == "fp32" else dtype
         vals = st.sampled_from(TIES) if palette == "ties" else st.floats(-2.0, 2.0, width=32)
-        weight = torch.tensor(draw(st.lists(vals, min_size=d, max_size=d)),
-                              dtype=torch.float32).to(w_dtype)
+        weight = on_device(torch.tensor(draw(st.lists(vals, min_size=d, max_size=d)),
+                                        dtype=torch.float32).to(w_dtype))
         if norm == "layer" and draw(st.booleans()):
-            bias = torch.tensor(draw(st.lists(st.floats(-1.0, 1.0, width=32), min_size=d,
-                                              max_size=d))).to(dtype)
+            bias = on_device(torch.tensor(draw(st.lists(st.floats(-1.0, 1.0, width=32),
+                                                        min_size=d, max_size=d))).to(dtype))
     k = 0 if block else topk_count(d, draw(st.sampled_from((0.0, 0.4, 0.5, 0.8))))
     exact = norm == "rms" and palette == "ties"
     return x, weight, bias, k, n, m, exact
@@ -150,12 +158,12 @@ def test_fused_norm_sparsify_matches_reference(dtype, norm, rescale, quant, data
 def test_fused_norm_multi_tile_rows(dtype, norm):
     """Rows wider than a tile: the statistics, selection and write passes loop over tiles."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 16, generator=g).to(dtype)
+    x = randn(2, 16, dtype=dtype, generator=g)
     x[1, 3:9] = x[1, 2]  # ties spanning the tile border
-    weight = torch.rand(16, generator=g).to(dtype) + 0.5
-    bias = torch.randn(16, generator=g).to(dtype) if norm == "layer" else None
-    h = fused_norm.normalise_reference(x, norm, weight, bias, EPS)
-    cancel = _cancellation(x, norm, weight)
+    weight = on_device(torch.rand(16, generator=g).to(dtype) + 0.5)
+    bias = randn(16, dtype=dtype, generator=g) if norm == "layer" else None
+    h = cpu_reference(fused_norm.normalise_reference, x, norm, weight, bias, EPS)
+    cancel = cpu_reference(_cancellation, x, norm, weight)
     for k, n, m, chunk in ((7, 0, 0, 8), (0, 2, 4, 2)):
         out, mask = fused_norm.norm_sparsify(x, norm, weight, bias, EPS, k, n, m, True, True,
                                              return_mask=True, chunk=chunk)
@@ -166,14 +174,14 @@ def test_fused_norm_multi_tile_rows(dtype, norm):
         _assert_near_topk(mask, h, k, n, m, _ulps(dtype, norm), cancel)
         step = whole.double().abs().amax(-1, keepdim=True) / 127.0 * 1.01
         assert_close_ulps(out, whole, ulps=2.0, atol=step)
-        assert_close_ulps(out, _expected(h, mask, True, True), ulps=2 * _ulps(dtype, norm),
-                          atol=step + 2 * cancel)
+        assert_close_ulps(out, cpu_reference(_expected, h, mask, True, True),
+                          ulps=2 * _ulps(dtype, norm), atol=step + 2 * cancel)
 
 
 @dtypes
 def test_rms_of_zero_row_keeps_the_first_k(dtype):
-    x = torch.zeros(2, 9, dtype=dtype)
-    x[1] = torch.arange(9, dtype=dtype)
+    x = on_device(torch.zeros(2, 9, dtype=dtype))
+    x[1] = on_device(torch.arange(9, dtype=dtype))
     out, mask = fused_norm.norm_sparsify(x, "rms", None, None, EPS, 4, return_mask=True)
     assert mask[0].tolist() == [True] * 4 + [False] * 5
     assert not out[0].any()
@@ -181,15 +189,19 @@ def test_rms_of_zero_row_keeps_the_first_k(dtype):
 
 
 def test_fused_norm_rejects_bad_arguments():
-    x = torch.randn(2, 8)
+    x = randn(2, 8)
+
+    def ones(d):
+        return on_device(torch.ones(d))
+
     with pytest.raises(ValueError, match="norm must be one of"):
         fused_norm.norm_sparsify(x, "batch", None, None, EPS, 4)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
-        fused_norm.norm_sparsify(x, "rms", torch.ones(7), None, EPS, 4)
+        fused_norm.norm_sparsify(x, "rms", ones(7), None, EPS, 4)
     with pytest.raises(ValueError, match="takes no bias"):
-        fused_norm.norm_sparsify(x, "rms", None, torch.ones(8), EPS, 4)
+        fused_norm.norm_sparsify(x, "rms", None, ones(8), EPS, 4)
     with pytest.raises(TypeError, match="norm='layer' needs weight and bias"):
-        fused_norm.norm_sparsify(x.half(), "layer", torch.ones(8), None, EPS, 4)
+        fused_norm.norm_sparsify(x.half(), "layer", ones(8), None, EPS, 4)
     with pytest.raises(ValueError, match="k=9"):
         fused_norm.norm_sparsify(x, "rms", None, None, EPS, 9)
     with pytest.raises(ValueError, match="multiple of m=3"):

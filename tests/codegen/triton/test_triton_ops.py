@@ -2,7 +2,8 @@
 
 Under the interpreter the ops are plain custom ops (``wrap_triton`` cannot capture interpreted
 kernels); on a GPU they are ``triton_op``s. Either way they must pass ``opcheck``, trace with
-``torch.compile`` and ``torch.export``, and compute what the kernels compute.
+``torch.compile`` and ``torch.export``, and compute what the kernels compute. Inputs are built
+on ``triton_cases.DEVICE``, so a ``cuda`` run checks the ``triton_op`` registration.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 import torch  # noqa: E402
 from torch.library import opcheck  # noqa: E402
-from triton_cases import DTYPES, assert_bits_equal, dtype_id  # noqa: E402
+from triton_cases import (  # noqa: E402
+    DEVICE,
+    DTYPES,
+    assert_bits_equal,
+    cpu_reference,
+    dtype_id,
+    randn,
+)
 
 import qsparse_compile  # noqa: E402, F401  (registers torch.ops.qsparse)
 from qsparse_compile.codegen import triton as qtriton  # noqa: E402
@@ -24,13 +32,18 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 
 
 def _x(dtype, *shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def test_registration_mode():
+    """The interpreter (CPU test device) registers plain custom ops; compiled kernels (CUDA test
+    device) ``triton_op``s where this PyTorch has them."""
     assert launch.HAS_TRITON_OP == (hasattr(torch.library, "triton_op")
                                     and hasattr(torch.library, "wrap_triton"))
-    assert launch.interpreting() and not launch.USE_TRITON_OP
+    if DEVICE.type == "cpu":
+        assert launch.interpreting() and not launch.USE_TRITON_OP
+    else:
+        assert not launch.interpreting() and launch.USE_TRITON_OP == launch.HAS_TRITON_OP
     for name in ("topk_sparsify", "topk_mask", "block_sparsify", "block_mask", "norm_sparsify",
                  "sparse_gemv"):
         assert hasattr(ops, name)
@@ -53,8 +66,9 @@ def test_opcheck():
 def test_ops_compute_the_kernels(dtype):
     x = _x(dtype, 2, 3, 16)
     assert_bits_equal(ops.topk_sparsify(x, 4, False, False),
-                      qtriton.topk_sparsify_reference(x, 4))
-    assert torch.equal(ops.block_mask(x, 2, 4), qsparse_compile.reference.block_mask(x, 2, 4))
+                      cpu_reference(qtriton.topk_sparsify_reference, x, 4))
+    assert torch.equal(ops.block_mask(x, 2, 4),
+                       cpu_reference(qsparse_compile.reference.block_mask, x, 2, 4))
     wt = _x(dtype, 16, 5, seed=1)
     assert torch.equal(ops.sparse_gemv(x, wt, None), qtriton.sparse_gemv(x, wt))
 

@@ -1,4 +1,7 @@
-"""Top-K and N:M row kernels against the eager reference, under Triton's CPU interpreter.
+"""Top-K and N:M row kernels against the eager reference, on the test device.
+
+Inputs are built on ``triton_cases.DEVICE`` (CPU tensors in Triton's interpreter, or CUDA
+tensors with compiled kernels); the references run on the CPU (``cpu_reference``).
 
 Masks must equal the reference's bit for bit (ties to the lower index, NaN first); kept values
 take no arithmetic and must be bit-identical too; the int8 fake-quant without rescale does the
@@ -19,7 +22,10 @@ from triton_cases import (  # noqa: E402
     DTYPES,
     assert_bits_equal,
     assert_close_ulps,
+    cpu_reference,
     dtype_id,
+    on_device,
+    randn,
     rows_of,
     widths,
 )
@@ -62,8 +68,8 @@ def test_topk_mask_and_values_match_reference(dtype, data):
     d = data.draw(widths(), label="d")
     x = data.draw(rows_of(dtype, d), label="x")
     k = topk_count(d, data.draw(SPARSITIES, label="s"))
-    assert torch.equal(kernels.topk_mask(x, k), reference.topk_mask(x, k))
-    assert_bits_equal(kernels.topk_sparsify(x, k), reference.topk_sparsify(x, k))
+    assert torch.equal(kernels.topk_mask(x, k), cpu_reference(reference.topk_mask, x, k))
+    assert_bits_equal(kernels.topk_sparsify(x, k), cpu_reference(reference.topk_sparsify, x, k))
 
 
 @dtypes
@@ -75,7 +81,7 @@ def test_topk_rescale_quant_match_reference(dtype, rescale, quant, data):
     x = data.draw(rows_of(dtype, d, special=False), label="x")
     k = topk_count(d, data.draw(SPARSITIES, label="s"))
     out = kernels.topk_sparsify(x, k, rescale, quant)
-    ref = kernels.topk_sparsify_reference(x, k, rescale, quant)
+    ref = cpu_reference(kernels.topk_sparsify_reference, x, k, rescale, quant)
     _check_values(out, ref, x, rescale, quant)
 
 
@@ -91,8 +97,10 @@ def test_topk_multi_tile_rows(data):
     x = data.draw(rows_of(dtype, d, max_rows=2), label="x")
     k = topk_count(d, data.draw(SPARSITIES, label="s"))
     chunk = data.draw(st.sampled_from((4, 8)), label="chunk")
-    assert torch.equal(kernels.topk_mask(x, k, chunk=chunk), reference.topk_mask(x, k))
-    assert_bits_equal(kernels.topk_sparsify(x, k, chunk=chunk), reference.topk_sparsify(x, k))
+    assert torch.equal(kernels.topk_mask(x, k, chunk=chunk),
+                       cpu_reference(reference.topk_mask, x, k))
+    assert_bits_equal(kernels.topk_sparsify(x, k, chunk=chunk),
+                      cpu_reference(reference.topk_sparsify, x, k))
 
 
 #: Multi-tile statistics passes: every flag once (bf16) and both flags for the other dtypes.
@@ -108,45 +116,48 @@ MULTI_TILE_FLAGS = [
 @pytest.mark.parametrize("dtype,rescale,quant", MULTI_TILE_FLAGS)
 def test_topk_multi_tile_rescale_quant(dtype, rescale, quant):
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 19, generator=g).to(dtype)
+    x = randn(2, 19, dtype=dtype, generator=g)
     x[1, ::2] = 1.0  # ties across tile borders
     out = kernels.topk_sparsify(x, 9, rescale, quant, chunk=8)
-    _check_values(out, kernels.topk_sparsify_reference(x, 9, rescale, quant), x, rescale, quant)
+    ref = cpu_reference(kernels.topk_sparsify_reference, x, 9, rescale, quant)
+    _check_values(out, ref, x, rescale, quant)
 
 
 @dtypes
 def test_topk_ties_nan_inf_and_signed_zero(dtype):
     nan, inf = float("nan"), float("inf")
-    x = torch.tensor([
+    x = on_device(torch.tensor([
         [1.0, -1.0, 1.0, -1.0, 1.0, 0.0, -0.0],   # ties: lower index wins
         [nan, 2.0, nan, -inf, inf, nan, 1.0],      # NaN outranks inf; NaNs tie
         [-0.0, 0.0, -0.0, 0.0, -0.0, 0.0, -0.0],   # all zero: first k, -0.0 kept as -0.0
-    ]).to(dtype)
+    ]).to(dtype))
     for k in (1, 3, 4, 7):
-        assert torch.equal(kernels.topk_mask(x, k), reference.topk_mask(x, k))
-        assert_bits_equal(kernels.topk_sparsify(x, k), reference.topk_sparsify(x, k))
+        assert torch.equal(kernels.topk_mask(x, k), cpu_reference(reference.topk_mask, x, k))
+        assert_bits_equal(kernels.topk_sparsify(x, k),
+                          cpu_reference(reference.topk_sparsify, x, k))
 
 
 @dtypes
 def test_topk_layouts(dtype):
     """Leading dimensions, strided rows, a transposed (non-unit stride) input and no rows."""
     g = torch.Generator().manual_seed(3)
-    x3 = torch.randn(2, 3, 10, generator=g).to(dtype)
-    assert torch.equal(kernels.topk_mask(x3, 4), reference.topk_mask(x3, 4))
-    strided = torch.randn(4, 20, generator=g).to(dtype)[:, :10]
-    assert_bits_equal(kernels.topk_sparsify(strided, 3), reference.topk_sparsify(strided, 3))
-    xt = torch.randn(10, 3, generator=g).to(dtype).t()
+    x3 = randn(2, 3, 10, dtype=dtype, generator=g)
+    assert torch.equal(kernels.topk_mask(x3, 4), cpu_reference(reference.topk_mask, x3, 4))
+    strided = randn(4, 20, dtype=dtype, generator=g)[:, :10]
+    assert_bits_equal(kernels.topk_sparsify(strided, 3),
+                      cpu_reference(reference.topk_sparsify, strided, 3))
+    xt = randn(10, 3, dtype=dtype, generator=g).t()
     out = kernels.topk_sparsify(xt, 5)
     assert out.is_contiguous()
-    assert_bits_equal(out, reference.topk_sparsify(xt, 5))
-    empty = torch.empty(0, 10, dtype=dtype)
+    assert_bits_equal(out, cpu_reference(reference.topk_sparsify, xt, 5))
+    empty = on_device(torch.empty(0, 10, dtype=dtype))
     assert kernels.topk_sparsify(empty, 5).shape == (0, 10)
-    one = torch.tensor([-3.0], dtype=dtype)
+    one = on_device(torch.tensor([-3.0], dtype=dtype))
     assert_bits_equal(kernels.topk_sparsify(one, 1), one)
 
 
 def test_topk_rejects_bad_arguments():
-    x = torch.randn(2, 8)
+    x = randn(2, 8)
     with pytest.raises(ValueError, match="k=9"):
         kernels.topk_sparsify(x, 9)
     with pytest.raises(ValueError, match="k=0"):
@@ -175,9 +186,9 @@ def test_block_mask_and_values_match_reference(dtype, data):
     if n == m:
         select = None
     mask = kernels.block_mask(x, n, m, select=select)
-    assert torch.equal(mask, reference.block_mask(x, n, m))
+    assert torch.equal(mask, cpu_reference(reference.block_mask, x, n, m))
     out = kernels.block_sparsify(x, n, m, select=select)
-    assert_bits_equal(out, reference.block_sparsify(x, n, m))
+    assert_bits_equal(out, cpu_reference(reference.block_sparsify, x, n, m))
 
 
 @dtypes
@@ -189,7 +200,7 @@ def test_block_rescale_quant_match_reference(dtype, rescale, quant, data):
     d = data.draw(widths(multiple_of=m, max_d=64), label="d")
     x = data.draw(rows_of(dtype, d, special=False), label="x")
     out = kernels.block_sparsify(x, n, m, rescale, quant)
-    ref = kernels.block_sparsify_reference(x, n, m, rescale, quant)
+    ref = cpu_reference(kernels.block_sparsify_reference, x, n, m, rescale, quant)
     _check_values(out, ref, x, rescale, quant)
 
 
@@ -201,19 +212,19 @@ def test_block_rescale_quant_match_reference(dtype, rescale, quant, data):
 def test_block_multi_tile_rows(dtype, select):
     """Fewer groups per tile than the row has: statistics passes, then the write pass."""
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(3, 24, generator=g).to(dtype)
+    x = randn(3, 24, dtype=dtype, generator=g)
     x[1] = 1.0
     x[2, 5] = float("nan")
     assert torch.equal(kernels.block_mask(x, 2, 4, chunk=2, select=select),
-                       reference.block_mask(x, 2, 4))
+                       cpu_reference(reference.block_mask, x, 2, 4))
     finite = x[:2]
     out = kernels.block_sparsify(finite, 2, 4, True, True, chunk=2, select=select)
-    ref = kernels.block_sparsify_reference(finite, 2, 4, True, True)
+    ref = cpu_reference(kernels.block_sparsify_reference, finite, 2, 4, True, True)
     _check_values(out, ref, finite, True, True)
 
 
 def test_block_rejects_bad_arguments():
-    x = torch.randn(2, 8)
+    x = randn(2, 8)
     with pytest.raises(ValueError, match="multiple of m=3"):
         kernels.block_sparsify(x, 1, 3)
     with pytest.raises(ValueError, match=r"\(5, 4\)"):
@@ -221,5 +232,5 @@ def test_block_rejects_bad_arguments():
 
 
 def test_block_empty_rows_and_width():
-    assert kernels.block_sparsify(torch.randn(3, 0), 2, 4).shape == (3, 0)
-    assert kernels.block_mask(torch.randn(0, 8), 2, 4).shape == (0, 8)
+    assert kernels.block_sparsify(randn(3, 0), 2, 4).shape == (3, 0)
+    assert kernels.block_mask(randn(0, 8), 2, 4).shape == (0, 8)

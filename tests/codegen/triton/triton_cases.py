@@ -1,5 +1,9 @@
 """Inputs and comparisons shared by the Triton kernel tests (small shapes: the interpreter is slow).
 
+Tensors are built on :data:`DEVICE` (``QSPARSE_TEST_DEVICE``: ``cpu``, the default, with Triton's
+interpreter, or ``cuda``): values are drawn on the CPU (seeded) and moved, so they are the same on
+either device.
+
 Shapes: widths D of 1, odd and non-power-of-two values (7, 24, 100) and small random ones; 1 to
 5 rows, some of them all zero. Values: either drawn from a tiny set (so the tie-break decides
 most masks) or mixed with spread-out finite values and, where a test allows, +-inf, NaN and
@@ -11,7 +15,11 @@ from __future__ import annotations
 import math
 
 import torch
+from devices import selected_device
 from hypothesis import strategies as st
+
+#: The device of every tensor the kernel tests build (validated; ``cuda`` only where available).
+DEVICE = selected_device()
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -48,7 +56,7 @@ def _values(special: bool) -> st.SearchStrategy[float]:
 @st.composite
 def rows_of(draw, dtype: torch.dtype, d: int, *, special: bool = True, max_rows: int = 5,
             palette: str | None = None) -> torch.Tensor:
-    """A ``[rows, d]`` tensor of ``dtype``; values rounded once from float32."""
+    """A ``[rows, d]`` tensor of ``dtype`` on :data:`DEVICE`; values rounded once from float32."""
     rows = draw(st.integers(1, max_rows))
     palette = palette or draw(st.sampled_from(("ties", "mixed")))
     values = st.sampled_from(TIES) if palette == "ties" else _values(special)
@@ -56,7 +64,37 @@ def rows_of(draw, dtype: torch.dtype, d: int, *, special: bool = True, max_rows:
     x = torch.tensor(flat, dtype=torch.float32).reshape(rows, d)
     for r in draw(st.lists(st.integers(0, rows - 1), max_size=2)):
         x[r] = 0.0
-    return x.to(dtype)
+    return x.to(dtype).to(DEVICE)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torch.randn`` drawn on the CPU (seeded by ``generator``), rounded to ``dtype``, on
+    :data:`DEVICE`: the same values whichever device the tests run on."""
+    return torch.randn(*shape, generator=generator).to(dtype).to(DEVICE)
+
+
+def on_device(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (built on the CPU) moved to :data:`DEVICE`."""
+    return t.to(DEVICE)
+
+
+def cpu_reference(fn, *args, **kwargs):
+    """``fn`` applied to CPU copies of its tensor arguments; its tensor results on :data:`DEVICE`.
+
+    The references run on the CPU whatever the test device, so a CUDA run compares its kernels
+    with exactly the values the interpreter run compares with (the bounds here were derived
+    against PyTorch's CPU kernels, e.g. its LayerNorm's cancellation and its summation order).
+    """
+    from torch.utils._pytree import tree_map
+
+    def cpu(v):
+        return v.cpu() if isinstance(v, torch.Tensor) else v
+
+    def back(v):
+        return v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+
+    return tree_map(back, fn(*tree_map(cpu, args), **tree_map(cpu, kwargs)))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
