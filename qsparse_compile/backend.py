@@ -40,7 +40,13 @@ from .modules import all_projections
 from .options import CompileOptions
 from .passes import GraphResult, PassManager, WeightTable
 from .passes.constants import ExtraInputs
-from .passes.identity import ParameterNames, compiled_call, compiled_module, roots_for
+from .passes.identity import (
+    ParameterNames,
+    compiled_call,
+    compiled_module,
+    real_inputs,
+    roots_for,
+)
 from .passes.manager import RootProjection
 from .passes.normalise import normalise
 from .passes.subgraphs import unrewritten_weights
@@ -98,6 +104,28 @@ def _warn_unrewritten(graph: torch.fx.GraphModule, weights: WeightTable,
             f"{' ...' if len(missed) > 8 else ''}", stacklevel=3)
 
 
+def _refuse_dtensors(example_inputs: list, names: ParameterNames) -> None:
+    """Raise on DTensor graph inputs: a tensor-parallel (or sharded-parameter) program.
+
+    A row-parallel projection's input is sharded across ranks there, so a per-rank top-K is not
+    the token's top-K; until that has its own semantics the program is refused, not rewritten
+    into something that is silently another model.
+    """
+    from torch.distributed.tensor import DTensor
+
+    found = [x for x in example_inputs if isinstance(x, DTensor)]
+    if not found:
+        return
+    named = [names.name(x) for x in found if x in names]
+    raise NotImplementedError(
+        f"qsparse: {len(found)} input(s) of this graph are DTensors"
+        f"{' (' + ', '.join(named[:4]) + (' ...' if len(named) > 4 else '') + ')' if named else ''}"
+        f", {found[0].placements} on a mesh of {found[0].device_mesh.size()}: tensor-parallel "
+        f"programs are not supported yet (a sharded input's per-rank top-K is not the token's). "
+        f"Data parallelism is: DDP in either order, and FSDP2 with each block compiled before "
+        f"fully_shard")
+
+
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions,
                   results: list[GraphResult] | None = None, *,
                   check_globs: bool = True) -> Callable:
@@ -107,10 +135,14 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     ``check_globs=False`` skips the unmatched-glob check (made already, before compiling).
     """
     call = compiled_call()
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    # the real parameters behind fake stand-ins (DDP's graph pieces): names and prepared
+    # weights come from them; Inductor still compiles on the inputs it was given
+    named_inputs = real_inputs(call, example_inputs)
+    tensors = [x for x in named_inputs if isinstance(x, torch.Tensor)]
     roots = roots_for(call, tensors)
     names = ParameterNames(roots)
-    unnamed = _unnamed_parameters(example_inputs, names)
+    _refuse_dtensors(named_inputs, names)
+    unnamed = _unnamed_parameters(named_inputs, names)
     if unnamed:
         warnings.warn(
             f"qsparse: {unnamed} parameter(s) of this graph belong to no module the compiled "
@@ -121,7 +153,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     if check_globs:
         _check_globs(options, names, projections)
     graph = normalise(gm, example_inputs)
-    weights = WeightTable.for_dynamo(graph, example_inputs, names)
+    weights = WeightTable.for_dynamo(graph, named_inputs, names)
     constants = ExtraInputs(graph, example_inputs)
     inference = not torch.is_grad_enabled()
     rotations = None if options.calibration is None else as_rotations(

@@ -222,9 +222,14 @@ def report(model_or_program: Any, *example_args: Any, config: QSparseConfig | No
     ``calibration`` (a calibration or the path of a saved one) counts the rotations the
     compiler would insert for it (``rotation_macs``).
     """
+    from torch.nn.parallel import DistributedDataParallel
+
     from .export import sparsify_exported_with_result
     from .rotations import as_rotations
 
+    while isinstance(model_or_program, DistributedDataParallel):
+        # DDP(torch.compile(model)): DDP adds no name; what it wraps was compiled
+        model_or_program = model_or_program.module
     if _is_compiled(model_or_program) or _is_backend(model_or_program) or hasattr(
             model_or_program, "_torchdynamo_orig_callable"):
         if options or config is not None or calibration is not None or example_args:

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import inspect
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,8 +38,8 @@ from torch import nn
 
 from ..modules import projection_layout
 
-__all__ = ["ParameterNames", "TensorName", "compiled_call", "compiled_module", "roots_for",
-           "unwrap"]
+__all__ = ["ParameterNames", "TensorName", "compiled_call", "compiled_module", "real_inputs",
+           "roots_for", "unwrap"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +329,53 @@ def _candidates(fn: Any, args: tuple, kwargs: dict) -> dict[str, nn.Module | nn.
         add(_referenced_modules(type(target).__call__))
     add(_bound_arguments(target, args, kwargs))
     return out
+
+
+def _tensors_read(call: CompiledCall) -> Iterator[torch.Tensor]:
+    """Every parameter and buffer of what the compiled callable reads (see :func:`roots_for`)."""
+    fn = call.callable
+    owner = getattr(fn, "__self__", None)
+    if isinstance(fn, nn.Module):
+        values: list[Any] = [fn]
+    elif inspect.ismethod(fn) and isinstance(owner, nn.Module):
+        values = [owner]
+    else:
+        values = list(_candidates(fn, call.args, call.kwargs).values())
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        else:
+            yield from unwrap(value).parameters()
+            yield from unwrap(value).buffers()
+
+
+def real_inputs(call: CompiledCall | None, example_inputs: Sequence[object]) -> list[object]:
+    """``example_inputs`` with each fake tensor that stands for a parameter or buffer of what
+    ``call`` reads replaced by that real tensor; other inputs as they are.
+
+    A backend is usually handed the real parameters, but DDP's graph splitting
+    (``optimize_ddp``) compiles each piece of a graph on fake copies of its inputs, made with
+    the fake tensor mode's ``from_tensor``. That method returns the one fake it made earlier for
+    a given real tensor, so asking it for the fake of each parameter finds which input stands for
+    which parameter, by identity, with no graph metadata read.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    modes = {id(x.fake_mode): x.fake_mode for x in example_inputs if isinstance(x, FakeTensor)}
+    if call is None or not modes:
+        return list(example_inputs)
+    wanted = {id(x) for x in example_inputs if isinstance(x, FakeTensor)}
+    real: dict[int, torch.Tensor] = {}
+    for tensor in {id(t): t for t in _tensors_read(call)}.values():
+        if isinstance(tensor, FakeTensor):
+            continue
+        for mode in modes.values():
+            fake = mode.from_tensor(tensor, static_shapes=True)
+            if id(fake) in wanted:
+                real[id(fake)] = tensor
+        if len(real) == len(wanted):
+            break
+    return [real.get(id(x), x) for x in example_inputs]
 
 
 def roots_for(call: CompiledCall | None, tensors: Iterable[torch.Tensor]

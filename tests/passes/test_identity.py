@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qsparse_compile.backend import Backend
-from qsparse_compile.passes.identity import ParameterNames, unwrap
+from qsparse_compile.passes.identity import CompiledCall, ParameterNames, real_inputs, unwrap
 from qsparse_compile.research.models.tiny_llama import TinyLlama, TinyLlamaConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -185,3 +185,23 @@ def test_a_weight_tied_between_two_projections_is_told_apart_by_the_calling_modu
 
     assert _compiled_paths(Tied(), torch.randn(2, 8), sparsity=0.5) == {"proj": True,
                                                                         "lm_head": False}
+
+
+def test_fake_stand_ins_of_parameters_are_found_by_identity():
+    """DDP's graph pieces are compiled on fake copies of their inputs: each fake that the mode
+    made for a parameter maps back to that parameter; other fakes and real inputs stay."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    mode = FakeTensorMode()
+    weight = mode.from_tensor(model[2].weight)
+    activation = mode.from_tensor(torch.randn(3, 8))
+    real = torch.randn(3)
+    inputs = [activation, weight, real, mode.from_tensor(model[0].bias)]
+    got = real_inputs(CompiledCall(model, (), {}), inputs)
+    assert got[0] is activation and got[2] is real
+    assert got[1] is model[2].weight and got[3] is model[0].bias
+    # without a compiled call, or without fakes, nothing changes
+    assert real_inputs(None, inputs) == inputs
+    plain = [model[0].weight, real]
+    assert real_inputs(CompiledCall(model, (), {}), plain) == plain
