@@ -11,8 +11,9 @@ Steps, in order (results are rewritten to ``gpu_suite.json`` and ``gpu_suite.md`
 1. **environment**: device, capability, memory, driver (``nvidia-smi`` where present), CUDA,
    torch, Triton and Python versions.
 2. **tests**: one pytest run in a subprocess of every kernel test (:data:`KERNEL_TESTS`: the
-   sparsify, N:M, fused norm + top-K + rescale + int8 and decode GEMV kernels, the backend's
-   Triton / CUDA path, 2:4 prefill; forward and backward against the references) on CUDA
+   sparsify, N:M, fused norm + top-K + rescale + int8, decode GEMV and packed int8 / int4 /
+   ternary GEMV kernels, the backend's Triton / CUDA path with and without weight formats,
+   2:4 prefill; forward and backward against the references) on CUDA
    tensors with compiled kernels: ``QSPARSE_TEST_DEVICE=cuda TRITON_INTERPRET=0`` (see
    ``tests/devices.py``). The tests that exist only for a device (:data:`DEVICE_TESTS`) are in
    that run; one of them skipping on the device is a failure. Where pytest-xdist is installed
@@ -72,7 +73,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 #: every kernel test, run on the test device: the Triton kernels (every file under
-#: tests/codegen/triton), the backend's Triton / CUDA path, 2:4 prefill, CUDA graphs
+#: tests/codegen/triton, the packed GEMV's test_triton_packed_gemv.py included), the backend's
+#: Triton / CUDA path (weight formats included), 2:4 prefill, CUDA graphs
 KERNEL_TESTS = [
     "tests/codegen/triton",
     "tests/passes/test_cuda_decode.py",

@@ -32,8 +32,21 @@ Conditions (mirroring the CPU pass; otherwise the group keeps ``sparse_linear``)
   path (and, for 2:4 patterns, :mod:`.block_prefill`). There is no measured cost model for the
   GPU yet, so every qualifying group is taken.
 
-Quantized activations qualify (the GEMV reads whatever values the sparsify wrote); ternary
-weights do not, since the weight is then a ``ternary_fake_quant`` node, not a real tensor.
+Quantized activations qualify (the GEMV reads whatever values the sparsify wrote).
+
+Weight formats (``weights=``, ``head_weights=``, ``quant="bitnet"``): a group whose products
+read their weights through one weight fake quantizer (``int8_weight_fake_quant``,
+``int4_weight_fake_quant``, ``ternary_fake_quant``; the same for every member, recognised as
+the CPU pass recognises them, :func:`~.decode_groups.group_members`) becomes::
+
+    y = qsparse_triton.packed_gemv(S, fmt, N, packed, b_cat)
+
+over the members' weights packed once, here, in the CPU kernel's K-major layout
+(:func:`qsparse_compile.codegen.triton.packed_gemv.prepare_packed_weight`), on the
+activation's device; the GEMV dequantises in registers. The quantizer nodes go with the
+products. This pass therefore runs before :mod:`.fold_weights`, which folds the quantizers of
+the groups left (prefill graphs, groups that do not qualify) into constants. The condition on
+the weights' dtype and device is checked on the weight before its quantizer.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import torch.fx
 
 from .constants import AddConstant
 from .decode_groups import (
+    Member,
     group_members,
     k_major_weight,
     prepared_constants,
@@ -53,7 +67,7 @@ from .decode_groups import (
 from .graph_utils import insert_op, tensor_meta
 from .weights import WeightTable
 
-__all__ = ["DTYPES", "lower_cuda_decode"]
+__all__ = ["DTYPES", "lower_cuda_decode", "packed_weight"]
 
 #: Activation dtypes the Triton GEMV accepts (``template_common.DTYPES``, which imports Triton).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -61,7 +75,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def lower_cuda_decode(gm: torch.fx.GraphModule, weights: WeightTable, add_constant: AddConstant,
                       *, device_type: str = "cuda") -> int:
-    """Replace qualifying projection groups of ``gm`` by ``qsparse_triton.sparse_gemv``.
+    """Replace qualifying projection groups of ``gm`` by ``qsparse_triton.sparse_gemv``, or by
+    ``qsparse_triton.packed_gemv`` where the weights take a format.
 
     Args:
         gm: an inference graph rewritten by :func:`~.rewrite.sparsify_graph` (optionally
@@ -91,15 +106,36 @@ def lower_cuda_decode(gm: torch.fx.GraphModule, weights: WeightTable, add_consta
             continue
         members = group_members(
             weights, x_node,
-            lambda t, like=meta: t.device == like.device and t.dtype == like.dtype)
+            lambda t, like=meta: t.device == like.device and t.dtype == like.dtype,
+            formats=True)
         if members is None:
             continue
+        fmt = members[0].format
         with graph.inserting_before(members[0].node):
-            wt_node, b_node = prepared_constants(
-                add_constant, members, meta.dtype, x_node,
-                lambda group, dtype=meta.dtype: k_major_weight(group, dtype))
-            y = insert_op(graph, torch.ops.qsparse_triton.sparse_gemv.default,
-                          {"x": x_node, "weight_t": wt_node, "bias": b_node}, members[0].node)
+            if fmt is None:
+                wt_node, b_node = prepared_constants(
+                    add_constant, members, meta.dtype, x_node,
+                    lambda group, dtype=meta.dtype: k_major_weight(group, dtype))
+                y = insert_op(graph, torch.ops.qsparse_triton.sparse_gemv.default,
+                              {"x": x_node, "weight_t": wt_node, "bias": b_node},
+                              members[0].node)
+            else:
+                packed_node, b_node = prepared_constants(
+                    add_constant, members, meta.dtype, x_node,
+                    lambda group, fmt=fmt: packed_weight(group, fmt))
+                y = insert_op(graph, torch.ops.qsparse_triton.packed_gemv.default, {
+                    "x": x_node, "fmt": fmt,
+                    "out_features": sum(mb.out_features for mb in members),
+                    "packed": packed_node, "bias": b_node}, members[0].node)
             splice_group(graph, members, y)
         replaced += 1
     return replaced
+
+
+def packed_weight(members: list[Member], fmt: str) -> torch.Tensor:
+    """The members' weights packed side by side in ``fmt``, on their device (the Triton
+    packed GEMV's operand; the members' ``[in, out]`` Conv1D weights are transposed first)."""
+    from ..codegen.triton.packed_gemv import prepare_packed_weight
+
+    out_in = [m.weight if m.layout == "out_in" else m.weight.t() for m in members]
+    return prepare_packed_weight(out_in, fmt, members[0].weight.device)

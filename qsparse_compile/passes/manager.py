@@ -212,12 +212,13 @@ class PassManager:
                                                             decide=self.decide))
             if options.fuse:
                 step("fuse", lambda: fuse_norm_sparsify(gm))
+            if result.triton is not None and lower and options.decode:
+                # before the fold: it packs the formatted weights its groups read
+                step("cuda_decode", lambda: lower_cuda_decode(
+                    gm, weights, add_constant, device_type=result.triton))
             if lower:
                 step("fold_weights", lambda: fold_weight_formats(gm, weights, add_constant))
             if result.triton is not None:
-                if lower and options.decode:
-                    step("cuda_decode", lambda: lower_cuda_decode(
-                        gm, weights, add_constant, device_type=result.triton))
                 # a differentiable op: training graphs take it too
                 step("block_prefill", lambda: use_block_sparse_linear(gm))
                 if lower:

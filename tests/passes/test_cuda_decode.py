@@ -7,7 +7,9 @@ interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``), which is how
 a GPU checks what ``kernels="auto"`` selects for CUDA weights; on ``cuda`` they run compiled. The
 reference model runs on the same device as the compiled one.
 Per layer of a Llama-family model there are four groups: q/k/v, o, gate/up and down; the two
-norms before q/k/v and gate/up fuse with their sparsify (``norm_sparsify``).
+norms before q/k/v and gate/up fuse with their sparsify (``norm_sparsify``). With a weight
+format (``weights=``, ``head_weights=``, ``quant="bitnet"``) each group becomes one
+``qsparse_triton::packed_gemv`` over its packed weights instead of ``sparse_gemv``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,40 @@ def test_groups_become_triton_gemv_and_match_reference(name, options):
     assert not any(op.startswith("qsparse::") and op.endswith("sparsify") for op in ops)
     result = backend.results[0]
     assert (result.triton, result.decode, result.lowered) == (DEVICE.type, GROUPS, 4 * LAYERS)
+    tolerance = 1e-4 if options.get("quant") else 2e-5
+    torch.testing.assert_close(out, _reference(model, options, ids), atol=tolerance,
+                               rtol=tolerance)
+
+
+FORMAT_CASES = {
+    "llama-int4-head-int8": ("llama", {"sparsity": 0.5, "weights": "int4",
+                                       "head_weights": "int8"}),
+    "llama-bitnet": ("llama", {"sparsity": 0.4, "quant": "bitnet"}),
+    "qwen2-bias-int8": ("qwen2", {"sparsity": 0.5, "weights": "int8"}),
+    "gpt2-conv1d-int4": ("gpt2", {"sparsity": 0.5, "weights": "int4"}),
+}
+QUANTIZERS = ("int8_weight_fake_quant", "int4_weight_fake_quant", "ternary_fake_quant")
+
+
+@pytest.mark.parametrize("name,options", list(FORMAT_CASES.values()), ids=list(FORMAT_CASES))
+def test_format_groups_become_packed_gemv_and_match_reference(name, options):
+    """Weight formats on the Triton path: every group (the head with ``head_weights`` too)
+    reads its packed weights with one ``qsparse_triton.packed_gemv``; no quantizer, dense
+    GEMV or ``sparse_linear`` is left, and the logits equal the eager oracle's with the same
+    formats."""
+    model = HF_MODELS[name].build().to(DEVICE)
+    ids = token_ids(batch=1, seq=1).to(DEVICE)
+    (out,), backend = _run(model, {**options, **TRITON}, ids)
+    before, after = backend.before_live[0], backend.after[0]
+    ops = by_namespace(backend.graphs[0])
+    head = 1 if "head_weights" in options else 0
+    assert ops["qsparse_triton::packed_gemv"] == GROUPS + head
+    assert ops["qsparse_triton::sparse_gemv"] == 0
+    assert after["sparse_linear"] == 0 and sum(after[q] for q in QUANTIZERS) == 0
+    assert backend.results[0].passes["fold_weights"] == 0  # nothing left to fold
+    assert dense_projections(before) - dense_projections(after) == \
+        HF_MODELS[name].per_layer * LAYERS + head
+    assert ops["qsparse_triton::norm_sparsify"] == 2 * LAYERS
     tolerance = 1e-4 if options.get("quant") else 2e-5
     torch.testing.assert_close(out, _reference(model, options, ids), atol=tolerance,
                                rtol=tolerance)

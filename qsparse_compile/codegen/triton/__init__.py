@@ -10,6 +10,10 @@ before Triton is imported), which is how the tests check them.
   fake-quant (one kernel per row);
 * :mod:`.gemv_template` / :mod:`.gemv`: decode GEMV for 1-8 tokens over a K-major weight,
   skipping the weight rows of zeroed activations;
+* :mod:`.packed_gemv_template` / :mod:`.packed_gemv`: the same over int8 / int4 / ternary
+  weights packed K-major, dequantised in registers (the function is
+  ``packed_gemv.packed_gemv``: the package attribute ``packed_gemv`` stays the module);
+  :mod:`.split_reduce_template`: the split-K reduction both GEMVs render;
 * :mod:`.ops`: the ``torch.library`` registrations; :mod:`.launch`: ``wrap_triton`` launches;
 * :mod:`.cache`: the on-disk cache of rendered sources;
 * :mod:`.compile_check`: compiles the kernels for a CUDA target on a machine without a GPU.
@@ -18,6 +22,7 @@ before Triton is imported), which is how the tests check them.
 from . import ops
 from .fused_norm import norm_sparsify, norm_sparsify_reference
 from .gemv import prepare_weight, sparse_gemv, sparse_gemv_reference
+from .packed_gemv import packed_gemv_reference, prepare_packed_weight
 from .row_sparsify import (
     block_mask,
     block_sparsify,
@@ -36,8 +41,10 @@ __all__ = [
     "norm_sparsify",
     "sparse_gemv",
     "prepare_weight",
+    "prepare_packed_weight",
     "topk_sparsify_reference",
     "block_sparsify_reference",
     "norm_sparsify_reference",
     "sparse_gemv_reference",
+    "packed_gemv_reference",
 ]

@@ -2,9 +2,10 @@
 
 The CPU interpreter runs a kernel's Python with numpy and accepts code the GPU compiler rejects
 (type mismatches in ``tl.where``, loop-carried values that change type, pointer types). This
-tool lowers representative specialisations (Llama-7B widths, every template branch) through
-Triton's full pipeline to a cubin with the ``ptxas`` bundled in the Triton wheel, and prints
-each kernel's register, stack and local-memory use::
+tool lowers representative specialisations (Llama-7B widths, every template branch, the
+packed GEMV in every weight format) through Triton's full pipeline to a cubin with the
+``ptxas`` bundled in the Triton wheel, and prints each kernel's register, stack and
+local-memory use::
 
     python -m qsparse_compile.codegen.triton.compile_check [--arch 90] [--quick]
 
@@ -100,6 +101,41 @@ def _gemv_cases(quick: bool) -> Iterator[Case]:
                     yield s.name, (lambda s=s: render(s)), REDUCE_KERNEL, sig, WARPS
 
 
+def _packed_gemv_cases(quick: bool) -> Iterator[Case]:
+    import torch
+
+    from . import packed_gemv_template as tpl
+    from .gemv import REDUCE_BLOCK, WARPS
+    from .packed_gemv import packed_gemv_config, packed_layout
+    from .template_common import DTYPES, next_pow2
+
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
+    shapes = ((4096, 4096),) if quick else ((4096, 4096), (4096, 11008), (11008, 4096))
+    codes = {"int8": "*i8", "int4": "*u8", "ternary": "*u8"}
+    for fmt in ("int8", "int4", "ternary"):
+        for dtype in dtypes:
+            name = DTYPES[dtype].name
+            for k, n in shapes:
+                for tokens in (1, 8):
+                    cfg = packed_gemv_config(fmt, k, n, tokens)
+                    s = tpl.PackedGemvSpec(
+                        name, fmt, k, n, packed_layout(fmt, k, n).padded_out, next_pow2(tokens),
+                        cfg.block_k, cfg.block_bytes, cfg.k_split, cfg.splits, True,
+                        min(REDUCE_BLOCK, next_pow2(tokens * n)))
+                    out = name if s.splits == 1 else "fp32"
+                    sig = {"x_ptr": "*" + name, "codes_ptr": codes[fmt],
+                           "scale_ptr": "*fp16" if fmt == "int4" else "*fp32"}
+                    if fmt == "int4":
+                        sig["min_ptr"] = "*fp16"
+                    sig.update({"b_ptr": "*" + name, "y_ptr": "*" + out, "tokens": "i32",
+                                "stride_xt": "i64"})
+                    yield s.name, (lambda s=s: tpl.render(s)), tpl.GEMV_KERNEL, sig, WARPS
+                    if s.splits > 1 and fmt == "int4" and tokens == 1:  # one of each suffices
+                        sig = {"ws_ptr": "*fp32", "b_ptr": "*" + name, "y_ptr": "*" + name,
+                               "tokens": "i32"}
+                        yield s.name, (lambda s=s: tpl.render(s)), tpl.REDUCE_KERNEL, sig, WARPS
+
+
 def _resource_usage(cubin: bytes) -> str:
     import triton
 
@@ -144,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    cases = [*_row_cases(args.quick), *_gemv_cases(args.quick)]
+    cases = [*_row_cases(args.quick), *_gemv_cases(args.quick),
+             *_packed_gemv_cases(args.quick)]
     for module_name, render, entry, signature, warps in cases:
         kernel = getattr(kernel_module(module_name, render), entry)
         name = f"{module_name}.{entry}"

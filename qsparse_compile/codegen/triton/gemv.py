@@ -25,7 +25,9 @@ from .template_common import DTYPES, dtype_info, next_pow2
 __all__ = [
     "MAX_TOKENS",
     "GemvConfig",
+    "device_sms",
     "gemv_config",
+    "k_splits",
     "prepare_weight",
     "sparse_gemv",
     "sparse_gemv_reference",
@@ -89,14 +91,27 @@ def gemv_config(
     elem = getattr(dtype, "itemsize", None) or torch.empty((), dtype=dtype).element_size()
     bn = block_n or max(16, min(next_pow2(n), ROW_RUN_BYTES // elem))
     bk = block_k or max(1, min(next_pow2(k), max(16, ACC_ELEMENTS // (tb * bn))))
-    tiles = -(-k // bk)
+    splits, k_split = k_splits(k, bk, -(-n // bn), num_sms, splits)
+    return GemvConfig(bk, bn, splits, k_split)
+
+
+def k_splits(k: int, block_k: int, col_blocks: int, num_sms: int = DEFAULT_SMS,
+             splits: int | None = None) -> tuple[int, int]:
+    """``(splits, k_split)``: how many K ranges a GEMV's ``k`` rows are cut into, and the rows
+    of each (a multiple of ``block_k``; the last range may be shorter).
+
+    Enough ranges to bring the grid (``col_blocks`` programs per range) to
+    ``PROGRAMS_PER_SM * num_sms`` programs, while every range keeps at least
+    ``MIN_TILES_PER_SPLIT`` tiles of ``block_k`` rows; ``splits`` overrides the count (clamped
+    to one range per tile). No range is empty.
+    """
+    tiles = -(-k // block_k)
     if splits is None:
-        col_blocks = -(-n // bn)
         want = -(-(PROGRAMS_PER_SM * num_sms) // col_blocks)
         splits = max(1, min(want, tiles // MIN_TILES_PER_SPLIT))
     splits = max(1, min(splits, tiles))
-    k_split = -(-tiles // splits) * bk
-    return GemvConfig(bk, bn, -(-k // k_split), k_split)
+    k_split = -(-tiles // splits) * block_k
+    return -(-k // k_split), k_split
 
 
 def prepare_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -121,7 +136,8 @@ def _check(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -
     check_gemv_operands(f"qsparse_triton.{_OP}", x, weight_t, bias, DTYPES, "prepare_weight")
 
 
-def _num_sms(device: torch.device) -> int:
+def device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (``DEFAULT_SMS`` where it cannot be asked)."""
     # tracing with fake CUDA tensors on a machine without CUDA still gets a tiling
     if device.type == "cuda" and torch.cuda.is_available():
         return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
@@ -188,7 +204,7 @@ def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
             y.copy_(bias.expand(tokens, n))
         return
     cfg, spec, gemv_kernel, reduce_kernel = _plan(
-        k, n, tokens, x.dtype, _num_sms(x.device), bias is not None, splits, block_k, block_n)
+        k, n, tokens, x.dtype, device_sms(x.device), bias is not None, splits, block_k, block_n)
     b = [bias] if bias is not None else []
     grid = (-(-n // cfg.block_n), cfg.splits)
     if cfg.splits == 1:

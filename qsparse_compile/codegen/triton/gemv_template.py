@@ -15,17 +15,19 @@ fp32 inputs would drop to TF32 or to FMAs anyway.)
 Parallelism and reduction (the choice the issue asks to justify): decode has 64-172 column
 blocks for Llama-7B shapes, fewer than two programs per SM on an H100, so ``K`` is split into
 ``SPLIT`` ranges. Each split writes its fp32 partial sums to a workspace ``[SPLIT, T, N]`` and
-a second, tiny kernel adds them **in a fixed order**, adds the bias and rounds once to the
-output dtype. Compared with fp32 atomics into a zeroed buffer this needs no memset launch, never
-uses fp16/bf16 atomics, and is deterministic (bitwise the same result on every run, whatever
-the scheduling), at the cost of ``SPLIT * T * N * 4`` workspace bytes (under 1 % of the weight
-bytes for Llama shapes). With ``SPLIT == 1`` the GEMV writes ``y`` itself (one launch).
+a second, tiny kernel (:mod:`.split_reduce_template`) adds them **in a fixed order**, adds the
+bias and rounds once to the output dtype. Compared with fp32 atomics into a zeroed buffer this
+needs no memset launch, never uses fp16/bf16 atomics, and is deterministic (bitwise the same
+result on every run, whatever the scheduling), at the cost of ``SPLIT * T * N * 4`` workspace
+bytes (under 1 % of the weight bytes for Llama shapes). With ``SPLIT == 1`` the GEMV writes
+``y`` itself (one launch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from .split_reduce_template import render_split_reduce
 from .template_common import DTYPE_NAMES, Code, dtype_helpers, module_header
 
 __all__ = ["GemvSpec", "render", "GEMV_KERNEL", "REDUCE_KERNEL"]
@@ -124,21 +126,6 @@ def render(spec: GemvSpec) -> str:
     c("", "")
 
     if s.splits > 1:
-        params = ["ws_ptr"] + (["b_ptr"] if s.has_bias else []) + ["y_ptr", "tokens"]
-        c(f"@triton.jit\ndef {REDUCE_KERNEL}({', '.join(params)}):")
-        with c.block():
-            c(f'''
-                """y[i] = sum over the {s.splits} splits of ws[s, i] (in split order) + bias."""
-                start = tl.program_id(0).to(tl.int64) * {s.reduce_block}
-                offs = start + tl.arange(0, {s.reduce_block})
-                total = tokens * {s.n}
-                ok = offs < total
-                y = tl.zeros([{s.reduce_block}], dtype=tl.float32)
-                for split in tl.static_range({s.splits}):
-                    y += tl.load(ws_ptr + split * total + offs, mask=ok, other=0.0)
-            ''')
-            if s.has_bias:
-                c(f"y += f32_of_{s.dtype}(load_bits_{s.dtype}(b_ptr, offs % {s.n}, ok))")
-            c(f"store_bits_{s.dtype}(y_ptr, offs, {s.dtype}_of_f32(y), ok)")
-        c("", "")
+        render_split_reduce(c, REDUCE_KERNEL, s.dtype, s.n, s.splits, s.has_bias,
+                            s.reduce_block)
     return c.text()

@@ -18,6 +18,8 @@ op                                                              kernel
 ``norm_sparsify(x, norm, weight, bias, eps, k, n, m, rescale,   row kernel with RMSNorm or
 quant)``                                                        LayerNorm fused in front
 ``sparse_gemv(x, weight_t, bias)``                              decode GEMV, K-major weight
+``packed_gemv(x, fmt, out_features, packed, bias)``             decode GEMV, packed int8 /
+                                                                int4 / ternary weight
 ==============================================================  ==============================
 """
 
@@ -29,6 +31,7 @@ import torch
 
 from . import fused_norm as _norm
 from . import gemv as _gemv
+from . import packed_gemv as _packed_gemv
 from . import row_sparsify as _sparsify
 from .launch import USE_TRITON_OP, traceable
 
@@ -40,6 +43,7 @@ __all__ = [
     "block_mask",
     "norm_sparsify",
     "sparse_gemv",
+    "packed_gemv",
 ]
 
 NAMESPACE = "qsparse_triton"
@@ -148,3 +152,18 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor,
     """``x @ weight_t + bias`` skipping the rows of ``weight_t`` (``W^T``) no token needs."""
     with traceable():
         return _gemv.sparse_gemv(x, weight_t, bias)
+
+
+def _packed_gemv_fake(x: torch.Tensor, fmt: str, out_features: int, packed: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    _packed_gemv.check_packed_operands(x, fmt, out_features, packed, bias)
+    return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+
+
+@_define("packed_gemv", _packed_gemv_fake)
+def packed_gemv(x: torch.Tensor, fmt: str, out_features: int, packed: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequant(packed) + bias`` over int8 / int4 / ternary weights packed K-major
+    (:func:`.packed_gemv.prepare_packed_weight`), skipping the rows no token needs."""
+    with traceable():
+        return _packed_gemv.packed_gemv(x, fmt, out_features, packed, bias)

@@ -45,7 +45,7 @@ def test_registration_mode():
     else:
         assert not launch.interpreting() and launch.USE_TRITON_OP == launch.HAS_TRITON_OP
     for name in ("topk_sparsify", "topk_mask", "block_sparsify", "block_mask", "norm_sparsify",
-                 "sparse_gemv"):
+                 "sparse_gemv", "packed_gemv"):
         assert hasattr(ops, name)
 
 
