@@ -17,9 +17,17 @@ Perplexity is measured on one fixed subset of the held-out plays (``--eval-seqs`
     python examples/continue_train.py --run training-free
     python examples/continue_train.py --run ft-topk40 --steps 60
     python examples/continue_train.py --run ft-topk40 --tiny      # a smoke test
+    torchrun --nproc-per-node 2 examples/continue_train.py --run-name ft-topk40 --fsdp --tiny
 
 Logs: ``<out>/<run>.json``; checkpoints (for ``--resume``) under ``--ckpt-dir``, removed when
-a run completes unless ``--keep-checkpoint``.
+a run completes (``--keep-checkpoint`` keeps the final weights as ``<run>.pt``).
+
+Under ``torchrun --nproc-per-node N`` with ``--fsdp`` (FSDP2) or ``--ddp``, each rank trains on
+its ``batch / N`` rows of the same global batch, so the losses are those of one process up to
+the order of floating-point sums. Checkpoints are ``torch.distributed.checkpoint`` folders
+(``<run>.dcp/``) that resume on any number of ranks, one process without torchrun included.
+Under torchrun, select a run with ``--run-name`` (torchrun's own ``--run-path`` makes ``--run``
+ambiguous to it).
 """
 
 from __future__ import annotations
@@ -44,18 +52,28 @@ from recipe_common import (
     provenance,
     read_json,
     recipe_parser,
-    restore_run,
     run_command,
     save_checkpoint,
-    save_run,
     set_lr,
     set_threads,
     settings_from,
     write_json,
 )
+from recipe_distributed import (
+    Parallel,
+    clip_grad_norm,
+    full_state_dict,
+    no_grad_sync,
+    remove_checkpoint,
+    start,
+    stop,
+    wrap,
+)
+from recipe_distributed import restore_run as restore_dcp
+from recipe_distributed import save_run as save_dcp
 from tqdm import tqdm
 
-import qsparse_compile  # noqa: F401  (registers the qsparse ops)
+import qsparse_compile
 from qsparse_compile.compile_records import records_of
 from qsparse_compile.report import report
 from qsparse_compile.research.data import shakespeare_split
@@ -181,35 +199,45 @@ def nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(compiled: torch.nn.Module, windows: torch.Tensor, batch: int,
-             grad: bool = False) -> dict[str, float]:
+             grad: bool = False, par: Parallel | None = None) -> dict[str, float]:
     """Mean NLL (nats/token) and perplexity over ``windows``.
 
     ``grad=True`` keeps gradient mode on (nothing is backpropagated) during training: Dynamo
     guards on the mode, so windows of the training shape then reuse the training graph.
+    Under ``par`` each rank evaluates its rows of every ``batch`` (the training split, so the
+    graph is shared there too) and the sums are added over ranks.
     """
+    par = par or Parallel()
     total, count = 0.0, 0
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), no_grad_sync(compiled):
         for chunk in windows.split(batch):
-            total += nll(compiled(input_ids=chunk, use_cache=False).logits, chunk).item()
-            count += chunk.shape[0] * (chunk.shape[1] - 1)
+            mine = par.rows(chunk).to(par.device)
+            total += nll(compiled(input_ids=mine, use_cache=False).logits, mine).item()
+            count += mine.shape[0] * (mine.shape[1] - 1)
+    total, count = par.sum([total, count])
     loss = total / count
     return {"loss": round(loss, 5), "ppl": round(math.exp(loss), 4)}
 
 
 def compile_model(model: torch.nn.Module, options: dict[str, Any], inner: str):
-    torch._dynamo.reset()  # a fresh compile per configuration
-    return torch.compile(model, backend="qsparse", dynamic=False,
-                         options={**options, "inner": inner})
+    """``model`` compiled by the qsparse backend with ``options`` (static shapes), afresh."""
+    return wrap(model, {**options, "inner": inner}, Parallel())[0]
 
 
-def compiled_summary(compiled: torch.nn.Module) -> dict[str, Any]:
-    results = records_of(compiled).graphs
+def compiled_summary(compiled: Any) -> dict[str, Any]:
+    """Graphs, projections, methods and activated fraction of a compiled model, or of a
+    :class:`qsparse_compile.Backend` (FSDP2's per-layer compiles: paths within a layer)."""
+    per_layer = isinstance(compiled, qsparse_compile.Backend)
+    results = compiled.results if per_layer else records_of(compiled).graphs
     rows = report(compiled)
     methods = sorted({r["method"] for r in rows})
     # evaluation and training shapes compile one graph each: count projections once
-    return {"graphs": len(results), "projections": len({r["path"] for r in rows}),
-            "methods": methods,
-            "activated_fraction": round(rows.totals["activated_fraction"], 4)}
+    summary = {"graphs": len(results), "projections": len({r["path"] for r in rows}),
+               "methods": methods,
+               "activated_fraction": round(rows.totals["activated_fraction"], 4)}
+    if per_layer:  # the layers share their graphs: paths are a layer's, the head is eager
+        summary["scope"] = "decoder layer"
+    return summary
 
 
 def measured(model: torch.nn.Module, options: dict[str, Any], ids: torch.Tensor
@@ -259,109 +287,148 @@ def training_free(s: Settings, out: Path, command: str, resume: bool) -> dict[st
 
 def fine_tune(name: str, s: Settings, out: Path, ckpt_dir: Path, command: str, resume: bool,
               stop_at: int | None = None, progress: bool = True,
-              keep_checkpoint: bool = False, tag: str | None = None) -> dict[str, Any]:
+              keep_checkpoint: bool = False, tag: str | None = None,
+              par: Parallel | None = None) -> dict[str, Any]:
     """Continue-train the pretrained model under ``FINE_TUNE[name]``, then evaluate it.
 
     ``tag`` names the files ``<name>-<tag>``: a run with other settings (a longer budget)
-    beside the standard one.
+    beside the standard one. ``par`` (see :func:`recipe_distributed.start`): FSDP2 or DDP over
+    a process group, each rank on its rows of the same global batch; one process if None.
+    Rank 0 alone writes the log; every rank writes its shards of the checkpoints.
     """
+    par = par or Parallel()
     set_threads(s.threads)
     options = FINE_TUNE[name]
     stem = f"{name}-{tag}" if tag else name
-    log_path, ckpt_path = out / f"{stem}.json", ckpt_dir / f"{stem}.pt"
+    log_path, ckpt_root = out / f"{stem}.json", ckpt_dir / f"{stem}.dcp"
+    weights_path = ckpt_dir / f"{stem}.pt"  # --keep-checkpoint: the trained weights
     model, tokenizer = load_model(s.layers)
     data = TokenData(tokenizer, ckpt_dir, s.train_chars)
+    if par.world > 1:  # rank 0 tokenizes and caches the training plays; the others read them
+        if par.main:
+            data.train  # noqa: B018  (the property tokenizes)
+        par.barrier()
     windows = data.eval_windows(s.eval_seqs, s.eval_len)
     quick = windows[torch.linspace(0, len(windows) - 1, s.quick_eval_seqs).long()]
     if s.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    model.train()
+    model.to(par.device).train()
     torch.manual_seed(s.seed)
+    run, compiled = wrap(model, {**options, "inner": s.inner}, par)
+    # after wrapping: under FSDP2 the optimizer must hold the sharded (DTensor) parameters
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(model, s.lr, s.weight_decay, fused=True)
     log: dict[str, Any] = {
         "recipe": "continue_train", "run": name, "status": "running", "command": command,
         "settings": dataclasses.asdict(s), "options": _jsonable(options),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parallel": par.describe(),
+        "trainable_params": sum(p.numel() for p in trainable),
         "tokens_per_step": s.batch * s.seq, "eval_tokens": int(windows.numel() - len(windows)),
         "provenance": provenance(s.threads), "train_loss": [], "lr": [], "quick_evals": [],
         "wall": {"train_s": 0.0, "eval_s": 0.0, "step_s_median": None},
     }
     start = 0
-    restored = restore_run(ckpt_path, model, optimizer, command) if resume else None
+    restored = restore_dcp(ckpt_root, model, optimizer, command, par) if resume else None
     if restored is not None:
         log, start = restored
+        log["parallel"] = par.describe()
     elif resume and log_path.is_file():
         done = read_json(log_path)
         if done.get("status") == "done":
-            print(f"{name}: already complete, nothing to do")
+            if par.main:
+                print(f"{name}: already complete, nothing to do")
             return done
 
-    compiled = compile_model(model, options, s.inner)
     step_times: list[float] = []
+    session_s = 0.0  # this session's training time (a resumed run's log sums every session)
+
+    def session(to_step: int) -> None:
+        # what each session (world size, steps) took: a run may change world size on resume
+        log["wall"].setdefault("sessions", []).append(
+            {"ranks": par.world, "mode": par.mode, "steps": [start, to_step],
+             "train_s": round(session_s, 2),
+             "step_s_median": round(statistics.median(step_times), 3) if step_times else None})
 
     def quick_eval(step: int) -> None:
         t0 = time.perf_counter()
         log["quick_evals"].append(
-            {"step": step, **evaluate(compiled, quick, s.eval_batch, grad=True)})
+            {"step": step, **evaluate(run, quick, s.eval_batch, grad=True, par=par)})
         log["wall"]["eval_s"] += time.perf_counter() - t0
 
     def checkpoint(step: int) -> None:
         if step_times:
             log["wall"]["step_s_median"] = round(statistics.median(step_times), 3)
-        write_json(log_path, log)
-        save_run(ckpt_path, model, optimizer, step, log)
+        if par.main:
+            write_json(log_path, log)
+        save_dcp(ckpt_root, model, optimizer, step, log, par)
 
     if start == 0:
         quick_eval(0)
     end = s.steps if stop_at is None else min(stop_at, s.steps)
     bar = tqdm(range(start, end), desc=name, initial=start, total=s.steps,
-               disable=not progress, mininterval=5, file=sys.stderr)
+               disable=not (progress and par.main), mininterval=5, file=sys.stderr)
     for step in bar:
-        ids = data.train_batch(0 if s.repeat_batch else step, s.batch, s.seq, s.seed)
+        ids = par.rows(data.train_batch(0 if s.repeat_batch else step, s.batch, s.seq, s.seed))
         lr = cosine_lr(step, s.steps, s.warmup, s.lr, s.min_lr_ratio)
         set_lr(optimizer, lr)
         t0 = time.perf_counter()
-        loss = nll(compiled(input_ids=ids, use_cache=False).logits, ids) / (ids.numel() -
-                                                                             len(ids))
+        ids = ids.to(par.device)
+        # the mean over this rank's tokens; ranks hold equal shares, so DDP's and FSDP's
+        # gradient average is the gradient of the mean over the global batch
+        loss = nll(run(input_ids=ids, use_cache=False).logits, ids) / (ids.numel() - len(ids))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], s.grad_clip)
+        clip_grad_norm(trainable, s.grad_clip)
         optimizer.step()
+        value = par.mean(loss.item())  # the global batch's loss, what one process reports
         seconds = time.perf_counter() - t0
         log["wall"]["train_s"] += seconds
+        session_s += seconds
         if step == start:
             log["wall"].setdefault("first_step_s", round(seconds, 2))  # includes the compile
             log["compiled"] = compiled_summary(compiled)
         else:
             step_times.append(seconds)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}")
-        log["train_loss"].append(round(loss.item(), 4))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{name}: loss is {value} at step {step}")
+        log["train_loss"].append(round(value, 4))
         log["lr"].append(float(f"{lr:.4g}"))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{value:.3f}")
         if (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
             quick_eval(step + 1)
         if (step + 1) % s.ckpt_every == 0 and step + 1 < end:
             checkpoint(step + 1)
     bar.close()
     if end < s.steps:  # stopped on purpose: continue with --resume
+        session(end)
         checkpoint(end)
         return log
     quick_eval(s.steps)
+    if step_times:  # this session's steps (a resumed run's earlier ones are in its log)
+        log["wall"]["step_s_median"] = round(statistics.median(step_times), 3)
+    session(s.steps)
     t0 = time.perf_counter()
-    log["final"] = evaluate(compiled, windows, s.eval_batch, grad=True)
-    log["final"]["sparsity"] = measured(model, options, windows[:1])
+    log["final"] = evaluate(run, windows, s.eval_batch, grad=True, par=par)
+    # the sparsity is measured eager on one process's whole model: rank 0 rebuilds it from
+    # the gathered weights under FSDP2 (its layers are compiled and sharded in place)
+    weights = full_state_dict(model, par) if par.mode == "fsdp" or keep_checkpoint else None
+    if par.main:
+        plain = model
+        if par.mode == "fsdp":
+            plain = load_model(s.layers)[0]
+            plain.load_state_dict(weights)
+        log["final"]["sparsity"] = measured(plain, options, windows[:1].to(plain.device))
     log["wall"]["eval_s"] += time.perf_counter() - t0
     log["wall"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in log["wall"].items()}
     log["status"] = "done"
-    write_json(log_path, log)
-    if keep_checkpoint:
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "step": s.steps, "log": log})
-    else:
-        ckpt_path.unlink(missing_ok=True)  # 1.4 GB with the optimizer state
-    print(f"{name}: ppl {log['final']['ppl']} (loss {log['final']['loss']}) after "
-          f"{s.steps} steps, {log['wall']['train_s']} s training", flush=True)
+    if par.main:
+        write_json(log_path, log)
+        if keep_checkpoint:
+            save_checkpoint(weights_path, {"model": weights, "step": s.steps, "log": log})
+    remove_checkpoint(ckpt_root, par)  # 1.4 GB with the optimizer state
+    if par.main:
+        print(f"{name}: ppl {log['final']['ppl']} (loss {log['final']['loss']}) after "
+              f"{s.steps} steps, {log['wall']['train_s']} s training", flush=True)
     return log
 
 
@@ -373,32 +440,61 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The recipe's command line; contradictory parallel options are refused here."""
     p = recipe_parser(__doc__, RUN_NAMES, Settings, REPO / "docs/results/logs/continue_train",
                       REPO / "runs/continue_train", "eager", "tokens")
     p.add_argument("--eval-seqs", type=int, help=f"held-out windows ({Settings.eval_seqs})")
+    p.add_argument("--layers", type=int,
+                   help="keep only the first n decoder layers (default: all 30; --tiny: 4)")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the trained weights when a run completes")
     p.add_argument("--tag", help="suffix of the continue-training logs and checkpoints, for "
                    "runs with non-default settings (e.g. --steps 96 --tag 96steps)")
-    return p.parse_args(argv)
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: FSDP2, each decoder layer compiled then fully_shard")
+    p.add_argument("--ddp", action="store_true",
+                   help="under torchrun: DistributedDataParallel around the compiled model")
+    args = p.parse_args(argv)
+    if args.fsdp and args.ddp:
+        p.error("--fsdp and --ddp were both given; choose one: --fsdp (FSDP2, parameters "
+                "sharded) or --ddp (parameters replicated)")
+    args.parallel = "fsdp" if args.fsdp else "ddp" if args.ddp else None
+    runs = list(RUN_NAMES) if args.all else args.run
+    if args.parallel and "training-free" in runs:
+        p.error(f"--{args.parallel} trains on several ranks, and the training-free run does "
+                f"not train; run it in one process, or give --run-name with one of "
+                f"{', '.join(FINE_TUNE)}")
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers {args.layers}: keep at least 1 decoder layer")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run the recipe; return ``{run name: log}``."""
+    """Run the recipe; return ``{run name: log}``.
+
+    With ``--fsdp`` or ``--ddp``, every rank of the torchrun job runs this and joins the
+    process group first.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     s = settings_from(args, Settings, TINY, ("steps", "batch", "seq", "lr", "eval_seqs",
-                                             "eval_every", "seed", "inner", "threads"))
-    names = list(RUN_NAMES) if args.all else list(dict.fromkeys(args.run))
-    logs = {}
-    for name in names:
-        command = run_command("continue_train.py", argv, name, args.all)
-        if name == "training-free":
-            logs[name] = training_free(s, args.out, command, args.resume)
-        else:
-            logs[name] = fine_tune(name, s, args.out, args.ckpt_dir, command, args.resume,
-                                   args.stop_at, progress=not args.quiet,
-                                   keep_checkpoint=args.keep_checkpoint, tag=args.tag)
+                                             "eval_every", "seed", "inner", "threads",
+                                             "layers"))
+    par = start(args.parallel)
+    try:
+        names = list(RUN_NAMES) if args.all else list(dict.fromkeys(args.run))
+        logs = {}
+        for name in names:
+            command = run_command("continue_train.py", argv, name, args.all, par.launcher)
+            if name == "training-free":
+                logs[name] = training_free(s, args.out, command, args.resume)
+            else:
+                logs[name] = fine_tune(name, s, args.out, args.ckpt_dir, command, args.resume,
+                                       args.stop_at, progress=not args.quiet,
+                                       keep_checkpoint=args.keep_checkpoint, tag=args.tag,
+                                       par=par)
+    finally:
+        stop(par)
     return logs
 
 

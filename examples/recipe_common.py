@@ -103,16 +103,19 @@ def restore_run(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     return log, step
 
 
-def command_line(script: str, argv: Sequence[str]) -> str:
-    """The command that reproduces a run, as typed from the repository root."""
-    return shlex.join(["python", f"examples/{script}", *argv])
+def command_line(script: str, argv: Sequence[str],
+                 launcher: Sequence[str] = ("python",)) -> str:
+    """The command that reproduces a run, as typed from the repository root; ``launcher``
+    starts the script (``torchrun --nproc-per-node 2`` for a distributed run)."""
+    return shlex.join([*launcher, f"examples/{script}", *argv])
 
 
-def run_command(script: str, argv: Sequence[str], name: str, every_run: bool) -> str:
+def run_command(script: str, argv: Sequence[str], name: str, every_run: bool,
+                launcher: Sequence[str] = ("python",)) -> str:
     """The command that reproduces run ``name`` alone: ``--all`` becomes ``--run name``."""
     if not every_run:
-        return command_line(script, argv)
-    return command_line(script, ["--run", name, *[a for a in argv if a != "--all"]])
+        return command_line(script, argv, launcher)
+    return command_line(script, ["--run", name, *[a for a in argv if a != "--all"]], launcher)
 
 
 def settings_from(args: argparse.Namespace, defaults: Any, tiny: dict[str, Any],
@@ -163,7 +166,10 @@ def recipe_parser(doc: str, runs: Sequence[str], defaults: Any, out: Path, ckpt_
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", choices=list(runs), action="append", help="run (repeatable)")
+    # --run-name: the same option, for torchrun, whose own --run-path makes argparse refuse
+    # --run there as an ambiguous abbreviation, even after the script's name
+    which.add_argument("--run", "--run-name", choices=list(runs), action="append",
+                       help="run (repeatable)")
     which.add_argument("--all", action="store_true", help="every run, one after the other")
     p.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults.steps})")
     p.add_argument("--batch", type=int, help=f"sequences per step (default {defaults.batch})")

@@ -39,7 +39,8 @@ def test_ste_continue_training_lowers_the_loss_at_40_percent(recipe_on_copies, t
     roles = log["final"]["sparsity"]["per_role"]
     for role, width in (("q", 576), ("o", 576), ("gate", 576), ("up", 576), ("down", 1536)):
         assert roles[role] == pytest.approx(1 - topk_count(width, 0.4) / width, abs=1e-6)
-    assert not (tmp_path / "ckpt" / "ft-topk40.pt").exists()  # removed once complete
+    assert not (tmp_path / "ckpt" / "ft-topk40.dcp").exists()  # removed once complete
+    assert not (tmp_path / "ckpt" / "ft-topk40.pt").exists()  # no --keep-checkpoint
     assert log["command"].startswith("python examples/continue_train.py --run ft-topk40")
 
 
