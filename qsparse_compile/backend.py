@@ -50,6 +50,7 @@ from .passes.identity import (
 from .passes.manager import RootProjection
 from .passes.normalise import normalise
 from .passes.subgraphs import unrewritten_weights
+from .passes.tensor_parallel import LocalProgram, dtensor_inputs, localise, row_shards
 from .rotations import as_rotations
 
 __all__ = ["Backend", "compile_graph", "qsparse_backend"]
@@ -104,26 +105,45 @@ def _warn_unrewritten(graph: torch.fx.GraphModule, weights: WeightTable,
             f"{' ...' if len(missed) > 8 else ''}", stacklevel=3)
 
 
-def _refuse_dtensors(example_inputs: list, names: ParameterNames) -> None:
-    """Raise on DTensor graph inputs: a tensor-parallel (or sharded-parameter) program.
-
-    A row-parallel projection's input is sharded across ranks there, so a per-rank top-K is not
-    the token's top-K; until that has its own semantics the program is refused, not rewritten
-    into something that is silently another model.
-    """
-    from torch.distributed.tensor import DTensor
-
-    found = [x for x in example_inputs if isinstance(x, DTensor)]
-    if not found:
-        return
+def _localise_tensor_parallel(gm: torch.fx.GraphModule, example_inputs: list,
+                              named_inputs: list, names: ParameterNames,
+                              options: CompileOptions) -> tuple[LocalProgram, list, dict]:
+    """A tensor-parallel graph (DTensor inputs) over each rank's shards; also the local
+    inputs to name its weights by (each shard named as its DTensor) and the row-parallel
+    projections. Training graphs and options without semantics here are refused."""
+    found = dtensor_inputs(named_inputs)
     named = [names.name(x) for x in found if x in names]
-    raise NotImplementedError(
-        f"qsparse: {len(found)} input(s) of this graph are DTensors"
-        f"{' (' + ', '.join(named[:4]) + (' ...' if len(named) > 4 else '') + ')' if named else ''}"
-        f", {found[0].placements} on a mesh of {found[0].device_mesh.size()}: tensor-parallel "
-        f"programs are not supported yet (a sharded input's per-rank top-K is not the token's). "
-        f"Data parallelism is: DDP in either order, and FSDP2 with each block compiled before "
-        f"fully_shard")
+    which = f" ({', '.join(named[:4])}{' ...' if len(named) > 4 else ''})" if named else ""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for root in names.roots.values()
+           if isinstance(root, torch.nn.Module) for m in root.modules()):
+        raise NotImplementedError(
+            f"qsparse: {len(found)} input(s) of this graph are DTensors{which} of a model "
+            f"under fully_shard: a model compiled after fully_shard reads its sharded "
+            f"parameters, which is not supported; compile each block first, then fully_shard "
+            f"(torchtitan's order)")
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"qsparse: {len(found)} input(s) of this graph are DTensors{which}: "
+            f"tensor-parallel training is not supported yet (inference is, under "
+            f"torch.no_grad / inference_mode). Data parallelism is: DDP in either order, and "
+            f"FSDP2 with each block compiled before fully_shard")
+    if options.config.quant == "bitnet" or options.calibration is not None:
+        raise NotImplementedError(
+            f"qsparse: tensor-parallel program{which}: quant='bitnet' (one scale per whole "
+            f"weight) and 'calibration' (rotations of whole rows) are not supported under "
+            f"tensor parallelism yet")
+    shards = row_shards(named_inputs, names)
+    program = localise(gm, example_inputs)
+    # each shard is named as its DTensor (and is the tensor the compiled program is first
+    # called with, so weights prepared from it are not remade)
+    local_named = []
+    for x, local in zip(named_inputs, program.inputs, strict=True):
+        if x is not local:
+            names.alias(local, x)
+        local_named.append(local)
+    return program, local_named, shards
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: CompileOptions,
@@ -141,7 +161,11 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     tensors = [x for x in named_inputs if isinstance(x, torch.Tensor)]
     roots = roots_for(call, tensors)
     names = ParameterNames(roots)
-    _refuse_dtensors(named_inputs, names)
+    program = shards = None
+    if dtensor_inputs(named_inputs):
+        program, named_inputs, shards = _localise_tensor_parallel(
+            gm, example_inputs, named_inputs, names, options)
+        gm, example_inputs = program.graph, program.inputs
     unnamed = _unnamed_parameters(named_inputs, names)
     if unnamed:
         warnings.warn(
@@ -153,7 +177,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     if check_globs:
         _check_globs(options, names, projections)
     graph = normalise(gm, example_inputs)
-    weights = WeightTable.for_dynamo(graph, named_inputs, names)
+    weights = WeightTable.for_dynamo(graph, named_inputs, names, row_shards=shards)
     constants = ExtraInputs(graph, example_inputs)
     inference = not torch.is_grad_enabled()
     rotations = None if options.calibration is None else as_rotations(
@@ -178,8 +202,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
     inputs = [*example_inputs, *constants.values]
     if options.cudagraphs:
         _mark_static_inputs(graph, gm, set(constants.names))
+    wrap = program.wrap if program is not None else (lambda f: f)
     if options.inner == "eager":
-        return constants.bind(graph.forward)
+        return wrap(constants.bind(graph.forward))
     from torch._inductor.compile_fx import compile_fx
 
     # Inductor keeps intermediate values in fp32 where eager rounds them to bf16/fp16; a value
@@ -192,7 +217,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         patches["post_grad_custom_post_pass"] = triton_post_grad_pass()
     if options.cudagraphs:
         patches["triton.cudagraphs"] = True
-    return constants.bind(compile_fx(graph, inputs, config_patches=patches))
+    return wrap(constants.bind(compile_fx(graph, inputs, config_patches=patches)))
 
 
 def _mark_static_inputs(graph: torch.fx.GraphModule, gm: torch.fx.GraphModule,

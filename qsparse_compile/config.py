@@ -19,6 +19,8 @@ RESCALES = ("none", "l2")
 QUANTS = (None, "int8", "bitnet")
 #: Weight formats at inference (DESIGN.md point 10); None keeps the model's own dtype.
 WEIGHT_FORMATS = (None, "int8", "int4")
+#: Top-K of a row-parallel projection, whose input is sharded across ranks (DESIGN.md point 11).
+TENSOR_PARALLEL_MODES = ("exact", "per_shard")
 
 #: Globs excluded by default: none. The output head stays dense by default (DESIGN.md point 8)
 #: through its role (:data:`DEFAULT_DENSE_ROLES`), found by what it is rather than by its name;
@@ -147,6 +149,12 @@ class QSparseConfig:
         relu2_glu: replace the gate activation of GLU feed-forwards (``act(gate(x)) * up(x)``
             with SiLU/GELU) by the squared ReLU, ``relu(gate(x))**2`` (DESIGN.md point 9):
             for training from scratch; pretrained models keep their activation.
+        tensor_parallel: top-K of a row-parallel projection under tensor parallelism, whose
+            input row is sharded across the ranks (DESIGN.md point 11): ``"exact"`` (default)
+            keeps the row's global top-K, the ranks agreeing on the k-th magnitude with one
+            all-gather per row, so results equal one device's; ``"per_shard"`` keeps
+            ``max(1, round(k * D_shard / D))`` of each shard with no communication, which is
+            another model. No effect without tensor parallelism.
     """
 
     sparsity: float | None = None
@@ -162,6 +170,7 @@ class QSparseConfig:
     dense_roles: tuple[str, ...] = DEFAULT_DENSE_ROLES
     strict: bool = False
     relu2_glu: bool = False
+    tensor_parallel: str = "exact"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise fields once, here
@@ -177,6 +186,11 @@ class QSparseConfig:
         if self.quant not in QUANTS:
             raise ValueError(
                 f"option 'quant': got {self.quant!r}, allowed: {', '.join(map(repr, QUANTS))}"
+            )
+        if self.tensor_parallel not in TENSOR_PARALLEL_MODES:
+            raise ValueError(
+                f"option 'tensor_parallel': got {self.tensor_parallel!r}, allowed: "
+                f"{', '.join(map(repr, TENSOR_PARALLEL_MODES))}"
             )
         for name in ("weights", "head_weights"):
             if getattr(self, name) not in WEIGHT_FORMATS:

@@ -142,6 +142,10 @@ INVALID = [
         {"exclude": ["lm_head", 3]}, TypeError, ("'exclude'", "['lm_head', 3]", "glob strings"),
         id="exclude=int",
     ),
+    pytest.param(
+        {"tensor_parallel": "shard"}, ValueError,
+        ("'tensor_parallel'", "'shard'", "'exact', 'per_shard'"), id="tensor_parallel=shard",
+    ),
 ]
 
 

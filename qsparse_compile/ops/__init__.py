@@ -8,6 +8,8 @@ CUDA may run as a 2:4 semi-structured product) and ``norm_sparsify`` (fused norm
 quant). Each has a CPU implementation, a fake (meta) implementation for tracing, and an
 autograd formula (straight-through for the sparsifiers and quantizers), and an autocast rule
 (:mod:`.autocast`: inside ``torch.autocast`` they compute as ``F.linear`` would).
+``sharded_topk_sparsify`` is the exact top-K of rows sharded across tensor-parallel ranks
+(:mod:`.sharded`; inference only, no autograd).
 """
 
 from . import autocast  # noqa: F401  (registers the autocast rules)
@@ -21,6 +23,7 @@ from .quant import (
     int8_weight_fake_quant,
     ternary_fake_quant,
 )
+from .sharded import sharded_topk_sparsify
 from .sparsify import block_sparsify, topk_sparsify
 
 __all__ = [
@@ -35,4 +38,5 @@ __all__ = [
     "sparse_linear",
     "block_sparse_linear",
     "norm_sparsify",
+    "sharded_topk_sparsify",
 ]

@@ -123,6 +123,11 @@ class ParameterNames:
         return list(self._names.get(id(tensor), ())) if isinstance(tensor, torch.Tensor) \
             else []
 
+    def alias(self, tensor: torch.Tensor, same_as: torch.Tensor) -> None:
+        """Name ``tensor`` as ``same_as`` is named: a DTensor parameter's local shard, which
+        the localised graph of a tensor-parallel program reads in its place."""
+        self._names[id(tensor)] = list(self._names.get(id(same_as), ()))
+
     def __contains__(self, tensor: object) -> bool:
         return bool(self.names_of(tensor))
 

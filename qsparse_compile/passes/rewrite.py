@@ -33,10 +33,11 @@ import torch.fx
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
 from ..config import ProjectionPlan, QSparseConfig
 from ..functional import QSPARSE_OPS
-from ..plan import project_sparsified, resolve_plan, sparsify_input
+from ..plan import ResolvedPlan, project_sparsified, resolve_plan, sparsify_input
 from .graph_utils import emit, tensor_meta
 from .node_args import mutation_between
 from .projections import Projection, find_projections, unsupported_projections
+from .tensor_parallel import sharded_count, sharded_input
 from .weights import WeightTable
 
 __all__ = ["RewrittenProjection", "sparsify_graph"]
@@ -72,7 +73,7 @@ def _weight_out_in(w, proj: Projection):
 
 
 def _replace(gm: torch.fx.GraphModule, proj: Projection, plan: ProjectionPlan,
-             config: QSparseConfig, shared: dict[tuple, torch.fx.Node],
+             config: QSparseConfig, weights: WeightTable, shared: dict[tuple, torch.fx.Node],
              replaced: dict[torch.fx.Node, torch.fx.Node]) -> None:
     graph = gm.graph
     node = proj.node
@@ -88,8 +89,13 @@ def _replace(gm: torch.fx.GraphModule, proj: Projection, plan: ProjectionPlan,
         if xs is not None and mutation_between(xs, node):
             xs = None  # the input was written in place since: select again
         if xs is None:
-            xs = emit(graph, node, lambda t: sparsify_input(t, plan, config, QSPARSE_OPS,
-                                                            proj.in_features), x)
+            shard = weights.row_shard(proj.path)
+            if shard is None:
+                xs = emit(graph, node, lambda t: sparsify_input(t, plan, config, QSPARSE_OPS,
+                                                                proj.in_features), x)
+            else:  # tensor parallelism: this rank's shard of the row
+                xs = emit(graph, node, lambda t: sharded_input(t, plan, config, shard,
+                                                               proj.path), x)
             shared[key] = xs
 
         def product(xs_, w, b):
@@ -110,6 +116,13 @@ def _replace(gm: torch.fx.GraphModule, proj: Projection, plan: ProjectionPlan,
 def _resolve(proj: Projection, config: QSparseConfig, weights: WeightTable):
     """The plan of ``proj``; for a tied weight whose product cannot be told apart, one that is
     safe for every module it may be: left dense if any of them is (an excluded head)."""
+    shard = weights.row_shard(proj.path)
+    if shard is not None:  # tensor parallelism: the plan of the whole row, k of this rank's
+        resolved = resolve_plan(proj.path, shard.in_features, config, role=proj.role)
+        if resolved.plan.dense:
+            return resolved
+        return ResolvedPlan(resolved.plan, *sharded_count(resolved.plan, config, shard,
+                                                          proj.path))
     resolved = resolve_plan(proj.path, proj.in_features, config, role=proj.role)
     if len(proj.aliases) < 2:
         return resolved
@@ -213,7 +226,11 @@ def sparsify_graph(gm: torch.fx.GraphModule, weights: WeightTable,
         if resolved.plan.dense:
             continue
         if proj.in_place:
+            if weights.row_shard(proj.path) is not None:
+                raise NotImplementedError(
+                    f"qsparse: expert projection {proj.path!r} is row-parallel; expert "
+                    f"products under tensor parallelism are not supported yet")
             _replace_in_place(gm, proj, resolved.plan, config, shared, replaced)
         else:
-            _replace(gm, proj, resolved.plan, config, shared, replaced)
+            _replace(gm, proj, resolved.plan, config, weights, shared, replaced)
     return records

@@ -20,6 +20,7 @@ names alone otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
@@ -32,6 +33,9 @@ from ..roles import (
     roles_from_parameters,
 )
 from .identity import ParameterNames
+
+if TYPE_CHECKING:
+    from .tensor_parallel import RowShard
 
 __all__ = ["WeightTable", "path_of_name"]
 
@@ -55,8 +59,10 @@ class WeightTable:
                  paths: Mapping[torch.fx.Node, str] | None = None,
                  path_rule: PathRule | None = None,
                  aliases: Mapping[torch.fx.Node, list[str]] | None = None,
-                 roles: ProjectionRoles | None = None):
+                 roles: ProjectionRoles | None = None,
+                 row_shards: Mapping[str, RowShard] | None = None):
         self._names = dict(names)
+        self._row_shards = dict(row_shards or {})
         self._values = dict(values or {})
         self._paths = dict(paths or {})
         self._path_rule = path_rule
@@ -66,6 +72,11 @@ class WeightTable:
     def role(self, path: str) -> str:
         """The role of the projection at ``path`` (:meth:`ProjectionRoles.role`)."""
         return self.roles.role(path)
+
+    def row_shard(self, path: str) -> RowShard | None:
+        """How the input of the projection at ``path`` is sharded across tensor-parallel
+        ranks (a row-parallel projection); None: this rank reads whole rows."""
+        return self._row_shards.get(path)
 
     def expert_count(self, path: str) -> ExpertCount | None:
         """Experts held by the weight at ``path`` (None: not an expert weight)."""
@@ -129,10 +140,12 @@ class WeightTable:
 
     @classmethod
     def for_dynamo(cls, gm: torch.fx.GraphModule, example_inputs: Sequence[object],
-                   names: ParameterNames) -> WeightTable:
+                   names: ParameterNames,
+                   row_shards: Mapping[str, RowShard] | None = None) -> WeightTable:
         """Placeholders whose example input is a parameter or buffer under ``names``' roots.
 
-        ``gm`` takes the Dynamo graph's inputs in order (the normalised graph does).
+        ``gm`` takes the Dynamo graph's inputs in order (the normalised graph does);
+        ``row_shards``: the row-parallel projections of a tensor-parallel program.
         """
         table_names: dict[torch.fx.Node, str] = {}
         values: dict[torch.fx.Node, torch.Tensor] = {}
@@ -151,7 +164,8 @@ class WeightTable:
         modules = [projection_roles(root, prefix) for prefix, root in names.roots.items()
                    if isinstance(root, torch.nn.Module)]
         roles = ProjectionRoles.merged(modules) if modules else NAMES_ONLY
-        return cls(table_names, values, paths, aliases=aliases, roles=roles)
+        return cls(table_names, values, paths, aliases=aliases, roles=roles,
+                   row_shards=row_shards)
 
     @classmethod
     def from_export(cls, ep: torch.export.ExportedProgram,

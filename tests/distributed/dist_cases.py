@@ -151,16 +151,50 @@ def fsdp_rank(rank: int, world: int, mixed: bool, steps: int) -> dict[str, Any]:
             "sparse_paths": sorted(sparse)}
 
 
-# --- tensor parallelism: refused with a clear error until it has its own semantics ----------
+def compiled_after_fully_shard_rank(rank: int, world: int) -> dict[str, Any]:
+    """The whole Llama sharded with ``fully_shard``, then compiled: its logits (inference)
+    and the paths the backend sparsified."""
+    from torch.distributed.fsdp import fully_shard
+
+    from qsparse_compile import Backend
+
+    _no_qsparse_warnings()
+    model = build_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    backend = Backend(OPTIONS)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        logits = compiled(llama_batch(), use_cache=False).logits
+    return {"logits": logits, "graphs": len(backend.results),
+            "sparse_paths": sorted({r.path for g in backend.results for r in g.records
+                                    if not r.plan.dense})}
+
+
+# --- tensor parallelism: inference, column-parallel q/k/v/gate/up, row-parallel o/down ------
 
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
                    "mlp.up_proj")
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def tensor_parallel_rank(rank: int, world: int) -> str:
-    """Compile a Llama sharded Megatron-style (q/k/v/gate/up by columns, o/down by rows);
-    the error the compile raises, as text ("" if none)."""
+def sharded_topk_rank(rank: int, world: int, cases: list) -> list[torch.Tensor]:
+    """``qsparse::sharded_topk_sparsify`` on this rank's shard of each case's rows;
+    ``cases``: ``(x, k, rescale)`` with ``x`` the whole rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import qsparse_compile  # noqa: F401  (registers the qsparse ops in this fresh process)
+
+    group = init_device_mesh("cpu", (world,)).get_group().group_name
+    return [torch.ops.qsparse.sharded_topk_sparsify(x.chunk(world, -1)[rank].contiguous(), k,
+                                                    rank, world, group, rescale)
+            for x, k, rescale in cases]
+
+
+def parallelize_llama(model: nn.Module, world: int) -> nn.Module:
+    """Megatron-style tensor parallelism over all ranks: q/k/v/gate/up by columns, o/down by
+    rows (the input of o and down arrives sharded by features)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -168,16 +202,80 @@ def tensor_parallel_rank(rank: int, world: int) -> str:
         parallelize_module,
     )
 
-    model = build_llama().eval()
     plan: dict[str, Any] = {}
     for i in range(len(model.model.layers)):
         plan.update({f"model.layers.{i}.{p}": ColwiseParallel() for p in COLUMN_PARALLEL})
         plan.update({f"model.layers.{i}.{p}": RowwiseParallel() for p in ROW_PARALLEL})
-    parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
-    compiled = torch.compile(model, backend="qsparse", options=OPTIONS)
-    try:
-        with torch.no_grad():
-            compiled(llama_batch(), use_cache=False)
-    except Exception as error:  # the backend's error arrives wrapped by Dynamo
-        return f"{type(error).__name__}: {error}"
-    return ""
+    return parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
+
+
+def tensor_parallel_rank(rank: int, world: int, options: dict[str, Any],
+                         train: bool = False) -> dict[str, Any]:
+    """Logits of the tensor-parallel Llama compiled with ``options`` (inference), the report's
+    rows, and the elements each kind of collective received on this rank during one forward
+    (measured: the profiler's record of each ``_c10d_functional`` call and its input shape,
+    times the world size for an all-gather); ``train=True``: the error a training forward
+    raises, as text."""
+    import math
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from qsparse_compile import report
+
+    _no_qsparse_warnings()
+    model = parallelize_llama(build_llama().eval(), world)
+    compiled = torch.compile(model, backend="qsparse", options=options)
+    ids = llama_batch()
+    if train:
+        try:
+            compiled(ids, use_cache=False)
+        except Exception as error:  # the backend's error arrives wrapped by Dynamo
+            return {"error": f"{type(error).__name__}: {error}"}
+        return {"error": ""}
+    with torch.no_grad():
+        compiled(ids, use_cache=False)  # compiles
+        # (a profiler, not a dispatch mode: Dynamo runs frames eagerly under a dispatch mode)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            logits = compiled(ids, use_cache=False).logits
+    received: dict[str, int] = {}
+    for event in prof.events():
+        name = event.name.split("::")[-1].rstrip("_")  # Inductor calls the in-place forms
+        if event.name.startswith("_c10d_functional::") and name != "wait_tensor":
+            count = math.prod(event.input_shapes[0])
+            received[name] = received.get(name, 0) + count * (
+                world if name == "all_gather_into_tensor" else 1)
+    return {"logits": logits, "rows": list(report(compiled)), "received": received,
+            "tokens": ids.numel()}
+
+
+def per_shard_reference_logits(world: int, options: dict[str, Any]) -> torch.Tensor:
+    """One process: the per-shard semantics written out. Row-parallel inputs keep
+    ``max(1, round(k * D_s / D))`` of each of the ``world`` shards, which is block
+    ``kept:D_s`` sparsity over the whole row; every other projection as ``options`` say."""
+    from qsparse_compile import topk_count
+
+    model = build_llama().eval()
+    sparsity = options["sparsity"]
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        (x,) = args
+        width = x.shape[-1]
+        shard = width // world
+        kept = max(1, round(topk_count(width, sparsity) * shard / width))
+        return (torch.ops.qsparse.block_sparsify(x, kept, shard, False, True),)
+
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.register_forward_pre_hook(hook)
+        layer.mlp.down_proj.register_forward_pre_hook(hook)
+    excluded = {**options, "exclude": [f"*.{p}" for p in ROW_PARALLEL]}
+    compiled = torch.compile(model, backend="qsparse", options=excluded)
+    with torch.no_grad():
+        return compiled(llama_batch(), use_cache=False).logits
+
+
+def single_process_logits(options: dict[str, Any]) -> torch.Tensor:
+    """The same Llama on one process, compiled with ``options``."""
+    model = build_llama().eval()
+    compiled = torch.compile(model, backend="qsparse", options=options)
+    with torch.no_grad():
+        return compiled(llama_batch(), use_cache=False).logits

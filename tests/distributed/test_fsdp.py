@@ -9,7 +9,16 @@ with no recompilation after the first step.
 from __future__ import annotations
 
 import pytest
-from dist_cases import OPTIONS, build_llama, compile_layers, fsdp_rank, llama_batch, train_steps
+import torch
+from dist_cases import (
+    OPTIONS,
+    build_llama,
+    compile_layers,
+    compiled_after_fully_shard_rank,
+    fsdp_rank,
+    llama_batch,
+    train_steps,
+)
 from ranks import run_ranks
 
 from qsparse_compile import Backend
@@ -41,3 +50,18 @@ def test_fsdp_losses_equal_single_process(mixed):
         assert first >= 1 and last == first, f"recompiled after the first step: {got['graphs']}"
         for step, (a, b) in enumerate(zip(got["losses"], expected, strict=True)):
             assert abs(a - b) <= rel * abs(b), f"step {step}: {a} vs {b} (losses {got['losses']})"
+
+
+def test_model_compiled_after_fully_shard():
+    """The whole model compiled after ``fully_shard``: Dynamo breaks the graph at FSDP2's
+    hooks, so each graph reads unsharded plain parameters, which the backend names as in one
+    process; inference equals one process's. (Were DTensor parameters of a sharded model
+    ever to reach the backend, it refuses them rather than take them for tensor-parallel.)"""
+    from dist_cases import single_process_logits
+
+    want = single_process_logits(OPTIONS)
+    for got in run_ranks(compiled_after_fully_shard_rank):
+        # one graph per decoder-layer frame, reused for the second layer (whose sparsity
+        # the logits show)
+        assert got["sparse_paths"] == [f"model.layers.0.{p}" for p in LAYER_PATHS]
+        torch.testing.assert_close(got["logits"], want, rtol=1e-5, atol=1e-5)
