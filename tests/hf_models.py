@@ -49,7 +49,7 @@ def quiet_transformers() -> None:
 
 def _llama_like(config_cls_name: str, model_cls_name: str):
     def build(intermediate_size: int = 64, layers: int = LAYERS, seed: int = 0,
-              **extra) -> torch.nn.Module:
+              tie_word_embeddings: bool = False, **extra) -> torch.nn.Module:
         import transformers
 
         quiet_transformers()
@@ -57,7 +57,7 @@ def _llama_like(config_cls_name: str, model_cls_name: str):
             vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=intermediate_size,
             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=None,
-            tie_word_embeddings=False, attn_implementation="sdpa", **extra,
+            tie_word_embeddings=tie_word_embeddings, attn_implementation="sdpa", **extra,
         )
         torch.manual_seed(seed)
         with warnings.catch_warnings():
