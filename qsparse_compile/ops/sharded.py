@@ -33,15 +33,9 @@ import torch
 from .checks import check_float, check_k
 from .mask import magnitude_key
 
-__all__ = ["sharded_topk_sparsify", "sharded_candidate_bytes"]
+__all__ = ["sharded_topk_sparsify"]
 
 _collectives = torch.ops._c10d_functional
-
-
-def sharded_candidate_bytes(k: int, shard_features: int, world: int, dtype: torch.dtype) -> int:
-    """Bytes each rank receives per row from the exact mode's all-gather (its own included):
-    ``world * min(k, D_s)`` keys of the activation's width, plus the rescale's all-reduce."""
-    return world * min(k, shard_features) * torch.empty((), dtype=dtype).element_size()
 
 
 def _all_gather(t: torch.Tensor, world: int, group: str) -> torch.Tensor:

@@ -33,6 +33,7 @@ from .topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES
 
 __all__ = [
     "cpu_packed_linear",
+    "check_packed_buffer",
     "packed_layout",
     "packed_linear",
     "packed_linear_reference",
@@ -88,6 +89,20 @@ def packed_layout(fmt: str, in_features: int, out_features: int) -> PackedLayout
     return layout
 
 
+def check_packed_buffer(op: str, layout: PackedLayout, in_features: int, out_features: int,
+                        packed: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ValueError unless ``packed`` is the uint8 buffer ``layout`` describes and
+    ``bias`` (if any) has ``out_features`` entries; ``op`` names the caller in the message."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != layout.nbytes:
+        raise ValueError(f"{op}: packed must be the uint8 buffer of prepare_packed_weight for "
+                         f"format {layout.format!r}, in_features={in_features}, out_features="
+                         f"{out_features} ({layout.nbytes} bytes), got {packed.dtype} of shape "
+                         f"{tuple(packed.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias must have shape ({out_features},), got "
+                         f"{tuple(bias.shape)}")
+
+
 def prepare_packed_weight(weights: Sequence[torch.Tensor], fmt: str) -> torch.Tensor:
     """The packed buffer for projections reading one input, their outputs side by side.
 
@@ -130,14 +145,7 @@ def _check(x: torch.Tensor, k: int, n: int, m: int, fmt: str, out_features: int,
         raise ValueError(f"{_OP}: format {fmt!r} is not one of {', '.join(map(repr, FORMATS))}")
     D = x.shape[-1] if x.dim() else 0
     layout = packed_layout(fmt, max(D, 1), max(out_features, 1))
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != layout.nbytes:
-        raise ValueError(f"{_OP}: packed must be the uint8 buffer of prepare_packed_weight for "
-                         f"format {fmt!r}, in_features={D}, out_features={out_features} "
-                         f"({layout.nbytes} bytes), got {packed.dtype} of shape "
-                         f"{tuple(packed.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{_OP}: bias must have shape ({out_features},), got "
-                         f"{tuple(bias.shape)}")
+    check_packed_buffer(_OP, layout, D, out_features, packed, bias)
     if m == 0:
         if not 1 <= k <= D:
             raise ValueError(f"{_OP}: k must be in [1, {D}] for in_features={D} (m=0 selects "

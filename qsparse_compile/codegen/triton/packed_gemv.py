@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from ...ops.quant import INT4_GROUP
+from ..cpu.packed_linear_op import check_packed_buffer, packed_layout
 from ..cpu.packed_linear_op import prepare_packed_weight as cpu_packing
 from ..cpu.packed_weights import FORMATS, PANEL_ROW_BYTES, PackedLayout, dequantize
 from .gemv import (
@@ -81,12 +82,6 @@ class PackedGemvConfig:
     splits: int
     k_split: int
     programs: int
-
-
-@functools.lru_cache(maxsize=1024)
-def packed_layout(fmt: str, in_features: int, out_features: int) -> PackedLayout:
-    """The layout of the packed ``[in_features, out_features]`` weight (memoised)."""
-    return PackedLayout(fmt, in_features, out_features)
 
 
 def _floor_pow2(n: int) -> int:
@@ -174,14 +169,7 @@ def check_packed_operands(x: torch.Tensor, fmt: str, out_features: int, packed: 
         raise ValueError(f"{_OP}: needs x [..., in_features >= 1] and out_features >= 1, got x "
                          f"{tuple(x.shape)}, out_features={out_features}")
     layout = packed_layout(fmt, int(x.shape[-1]), int(out_features))
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != layout.nbytes:
-        raise ValueError(f"{_OP}: packed must be the uint8 buffer of prepare_packed_weight for "
-                         f"format {fmt!r}, in_features={x.shape[-1]}, out_features="
-                         f"{out_features} ({layout.nbytes} bytes), got {packed.dtype} of shape "
-                         f"{tuple(packed.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{_OP}: bias must have shape ({out_features},), got "
-                         f"{tuple(bias.shape)}")
+    check_packed_buffer(_OP, layout, x.shape[-1], out_features, packed, bias)
     return layout
 
 

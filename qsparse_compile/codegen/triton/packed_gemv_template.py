@@ -39,7 +39,7 @@ import dataclasses
 
 from ...ops.quant import INT4_GROUP
 from ..cpu.packed_weights import FORMATS, PANEL_ROW_BYTES
-from .split_reduce_template import render_split_reduce
+from .split_reduce_template import render_split_reduce, render_tile_store
 from .template_common import DTYPE_NAMES, Code, dtype_helpers, module_header
 
 __all__ = ["CHUNK_BYTES", "GEMV_KERNEL", "REDUCE_KERNEL", "PackedGemvSpec", "codes_per_byte",
@@ -188,14 +188,7 @@ def render(spec: PackedGemvSpec) -> str:
                 c(f"y = y * tl.load(scale_ptr + cols, mask=cols < {s.padded_n}, "
                   f"other=0.0)[None, :]")
             c("ok = t_ok[:, None] & col_ok[None, :]")
-            if s.splits == 1:
-                if s.has_bias:
-                    c(f"y += f32_of_{s.dtype}(load_bits_{s.dtype}(b_ptr, cols, col_ok))[None, :]")
-                c(f"store_bits_{s.dtype}(y_ptr, t[:, None] * {s.n} + cols[None, :], "
-                  f"{s.dtype}_of_f32(y), ok)")
-            else:
-                c(f"offs = (pid_k * tokens + t[:, None]).to(tl.int64) * {s.n} + cols[None, :]",
-                  "tl.store(y_ptr + offs, y, mask=ok)")
+            render_tile_store(c, s.dtype, s.n, s.splits, s.has_bias)
     c("", "")
 
     if s.splits > 1:

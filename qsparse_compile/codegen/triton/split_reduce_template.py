@@ -12,7 +12,21 @@ from __future__ import annotations
 
 from .template_common import Code
 
-__all__ = ["render_split_reduce"]
+__all__ = ["render_split_reduce", "render_tile_store"]
+
+
+def render_tile_store(c: Code, dtype: str, n: int, splits: int, has_bias: bool) -> None:
+    """Append the end of a GEMV tile: with one split, add the bias and store ``y`` rounded to
+    ``dtype``; with several, store ``y``'s fp32 partial sums to the workspace for
+    :func:`render_split_reduce`. Expects ``y``, ``t``, ``cols``, ``col_ok``, ``ok`` and
+    ``pid_k`` in scope, as both GEMVs have them."""
+    if splits == 1:
+        if has_bias:
+            c(f"y += f32_of_{dtype}(load_bits_{dtype}(b_ptr, cols, col_ok))[None, :]")
+        c(f"store_bits_{dtype}(y_ptr, t[:, None] * {n} + cols[None, :], {dtype}_of_f32(y), ok)")
+    else:
+        c(f"offs = (pid_k * tokens + t[:, None]).to(tl.int64) * {n} + cols[None, :]",
+          "tl.store(y_ptr + offs, y, mask=ok)")
 
 
 def render_split_reduce(c: Code, name: str, dtype: str, n: int, splits: int, has_bias: bool,
