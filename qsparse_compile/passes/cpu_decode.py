@@ -62,6 +62,7 @@ from .constants import AddConstant
 from .decode_groups import (
     Member,
     group_members,
+    out_in_weights,
     prepared_constants,
     sparse_linear_inputs,
     splice_group,
@@ -95,21 +96,16 @@ def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
     return best
 
 
-def _out_in(members: list[Member]) -> list[torch.Tensor]:
-    """The members' weights as ``[out, in]`` (a Conv1D ``[in, out]`` weight transposed)."""
-    return [m.weight if m.layout == "out_in" else m.weight.t() for m in members]
-
-
 def _prepared_weight(members: list[Member], dtype: torch.dtype) -> torch.Tensor:
     """``cat([W_i^T])``; a single ``[in, out]`` weight is used as it is (already K-major)."""
     if len(members) == 1 and members[0].layout == "in_out" and members[0].weight.stride(1) == 1:
         return members[0].weight.detach()
-    return topk_linear_op.prepare_group_weight(_out_in(members), "out_in", dtype)
+    return topk_linear_op.prepare_group_weight(out_in_weights(members), "out_in", dtype)
 
 
 def _packed_weight(members: list[Member], fmt: str) -> torch.Tensor:
     """The members' weights packed side by side in ``fmt`` (:mod:`.packed_linear_op`)."""
-    return packed_linear_op.prepare_packed_weight(_out_in(members), fmt)
+    return packed_linear_op.prepare_packed_weight(out_in_weights(members), fmt)
 
 
 def _selection(x_node: torch.fx.Node, copies: bool, formats: bool):

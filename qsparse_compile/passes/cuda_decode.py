@@ -59,6 +59,7 @@ from .decode_groups import (
     Member,
     group_members,
     k_major_weight,
+    out_in_weights,
     prepared_constants,
     sparse_linear_inputs,
     splice_group,
@@ -137,5 +138,4 @@ def packed_weight(members: list[Member], fmt: str) -> torch.Tensor:
     packed GEMV's operand; the members' ``[in, out]`` Conv1D weights are transposed first)."""
     from ..codegen.triton.packed_gemv import prepare_packed_weight
 
-    out_in = [m.weight if m.layout == "out_in" else m.weight.t() for m in members]
-    return prepare_packed_weight(out_in, fmt, members[0].weight.device)
+    return prepare_packed_weight(out_in_weights(members), fmt, members[0].weight.device)

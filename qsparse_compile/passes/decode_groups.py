@@ -35,6 +35,7 @@ __all__ = [
     "Member",
     "group_members",
     "k_major_weight",
+    "out_in_weights",
     "prepared_bias",
     "prepared_constants",
     "sparse_linear_inputs",
@@ -157,6 +158,11 @@ def group_members(weights: WeightTable, x_node: torch.fx.Node,
     if len({m.format for m in members}) > 1:
         return None  # one call reads one format
     return members or None
+
+
+def out_in_weights(members: list[Member]) -> list[torch.Tensor]:
+    """The members' weights as ``[out, in]`` (a Conv1D ``[in, out]`` weight transposed)."""
+    return [m.weight if m.layout == "out_in" else m.weight.t() for m in members]
 
 
 def k_major_weight(members: list[Member], dtype: torch.dtype) -> torch.Tensor:
