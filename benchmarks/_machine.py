@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from qsparse_compile.codegen.cpu.machine import LoadProbe
+
 
 def cpu_model() -> str:
     """The CPU's name, its widest vector extension and the logical CPU count."""
@@ -28,25 +30,11 @@ def cpu_model() -> str:
     return f"{name} ({vector}, {os.cpu_count()} logical CPUs)"
 
 
-def _sample() -> tuple[int, int, int]:
-    """(busy, total) clock ticks of all CPUs since boot, and this process's own ticks."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    stat = Path("/proc/self/stat").read_text()
-    own = stat[stat.rindex(")") + 2:].split()
-    return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])  # utime + stime
-
-
 def others_busy_cpus(window_s: float = 0.1) -> float:
     """How many CPUs other processes kept busy during a short window (0 when unknown)."""
-    try:
-        busy0, total0, own0 = _sample()
-        time.sleep(window_s)
-        busy1, total1, own1 = _sample()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    cpus = os.cpu_count() or 1
-    return cpus * max(0, (busy1 - busy0) - (own1 - own0)) / max(1, total1 - total0)
+    probe = LoadProbe()
+    time.sleep(window_s)
+    return probe.others_busy_cpus()
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

@@ -137,7 +137,7 @@ def weight_bytes(fmt: str, in_features: int, out_features: int, kept_rows: float
         return 4.0 * out_features * kept_rows
     layout = PackedLayout(fmt, in_features, out_features)
     whole = int(kept_rows)  # read_bytes is linear in the rows: interpolate a mean
-    return layout.read_bytes(whole) + (kept_rows - whole) * layout.row_bytes
+    return layout.read_bytes(whole) + (kept_rows - whole) * layout.used_row_bytes
 
 
 def int8pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,16 @@ sparsify at all (the output head with ``head_weights``: ``k = D`` keeps every en
 
 A weight stored ``[in, out]`` (HF ``Conv1D``; the rewritten graph reads it through ``aten.t``)
 is K-major already: a group of one such projection uses it without a copy.
+
+**Dense projections** (:func:`lower_dense_decode`): a projection the configuration leaves
+dense (the output head by default, DESIGN.md point 8) is still a decode GEMV over the largest
+weight of a small model: SmolLM2's tied 576 -> 49152 head is a fifth of its bytes per token.
+``torch.mm`` streams that ``[out, in]`` weight at about half the rate the fused kernel streams
+a K-major one (8-10 ms against 2.5-4.4 ms on the 2-core EPYC this project measures on), so such
+a product becomes ``cpu_topk_linear`` with ``k = D`` (every feature kept: no selection, the
+same dense product in another fp32 summation order) where the measured cost model
+(:func:`~qsparse_compile.codegen.cpu.cost_model.choose_dense`) finds it faster than ``mm``.
+It is a kernel choice only: which features are kept, and the values, are the dense product's.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ import torch.fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.qsparse)
 from ..codegen.cpu import packed_linear_op, topk_linear_op
-from ..codegen.cpu.cost_model import choose_sparse
+from ..codegen.cpu.cost_model import choose_dense, choose_sparse
 from ..codegen.cpu.topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES
 from ..config import QSparseConfig
 from .constants import AddConstant
@@ -71,15 +81,17 @@ from .decode_groups import (
 from .dims import feature_view
 from .graph_utils import insert_like, insert_op, tensor_meta
 from .node_args import arguments, is_call, mutation_between
+from .rewrite import RewrittenProjection
 from .share_inputs import SPARSIFY_OPS, graph_mutates
 from .weights import WeightTable
 
+aten = torch.ops.aten
 qsparse = torch.ops.qsparse
 
 #: Row counts the cost model is asked about, largest last.
 ROW_CANDIDATES = (1, 2, 4, 8)
 
-__all__ = ["ROW_CANDIDATES", "lower_cpu_decode"]
+__all__ = ["ROW_CANDIDATES", "lower_cpu_decode", "lower_dense_decode"]
 
 
 def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
@@ -91,6 +103,17 @@ def _max_sparse_rows(in_features: int, out_features: int, dtype: torch.dtype,
     best = 0
     for rows in ROW_CANDIDATES:
         if not choose_sparse(in_features, out_features, rows, dtype, density, fmt=fmt):
+            break
+        best = rows
+    return best
+
+
+def _max_dense_rows(in_features: int, out_features: int, dtype: torch.dtype) -> int:
+    """Largest row count (of ``ROW_CANDIDATES``) for which the kernel keeping every feature
+    beats ``torch.mm`` on a dense projection here (measured); 0 when it never does."""
+    best = 0
+    for rows in ROW_CANDIDATES:
+        if not choose_dense(in_features, out_features, rows, dtype):
             break
         best = rows
     return best
@@ -221,5 +244,96 @@ def lower_cpu_decode(
                     "format": fmt, "out_features": total_out, "packed": wt_node,
                     "bias": b_node, "max_sparse_rows": max_rows}, members[0].node)
             splice_group(graph, members, y, erase_after=made)
+        replaced += 1
+    return replaced
+
+
+def _dense_member(record: RewrittenProjection, weights: WeightTable, graph: torch.fx.Graph
+                  ) -> Member | None:
+    """The projection of ``record`` as a group of one, if it is a plain dense decode product
+    (``mm``/``addmm`` of a 2-D fp32/bf16 CPU activation with a real weight, no cast)."""
+    proj = record.projection
+    node = proj.node
+    if not record.plan.dense or proj.unsupported or proj.in_place or proj.experts or \
+            proj.weight_left or proj.vector or proj.casts or node.graph is not graph or \
+            not is_call(node, aten.mm.default, aten.addmm.default):
+        return None
+    if is_call(node, aten.addmm.default):
+        args = arguments(node)
+        if args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
+            return None
+    x = arguments(node)[proj.x_arg]  # now (the rewrite may have replaced what it was)
+    if not isinstance(x, torch.fx.Node) or x.graph is not graph:
+        return None
+    meta = tensor_meta(x)
+    if meta is None or meta.dim() != 2 or meta.dtype not in SUPPORTED_DTYPES:
+        return None
+    weight = weights.value(proj.weight)
+    if weight is None or weight.dim() != 2 or not weight.is_cpu or weight.dtype != meta.dtype:
+        return None
+    bias = None
+    if proj.bias is not None:
+        bias = weights.value(proj.bias) if weights.is_weight(proj.bias) else None
+        if bias is None or bias.dim() != 1 or bias.shape[0] != proj.out_features or \
+                not bias.is_cpu or bias.dtype != meta.dtype:
+            return None
+    return Member(node, weight, proj.weight_layout, bias, proj.out_features, proj.weight,
+                  proj.bias)
+
+
+def lower_dense_decode(
+    gm: torch.fx.GraphModule,
+    weights: WeightTable,
+    records: list[RewrittenProjection],
+    add_constant: AddConstant,
+    *,
+    decide: Callable[[int, int, torch.dtype], int] | None = None,
+) -> int:
+    """Replace the dense decode products of ``gm`` (projections ``records`` left dense) by
+    ``cpu_topk_linear`` with ``k = D`` over a K-major copy of the weight, where it is faster.
+
+    Args:
+        gm: an inference graph after :func:`~.rewrite.sparsify_graph`; edited in place.
+        weights: the graph's weight table (real tensors).
+        records: the rewrite's records of ``gm``; only those with a dense plan are looked at.
+        add_constant: how the prepared weights join the graph (:mod:`.constants`).
+        decide: ``(in_features, out_features, dtype) -> max rows`` for the kernel; default the
+            measured cost model (:func:`~qsparse_compile.codegen.cpu.cost_model.choose_dense`).
+
+    Returns:
+        The number of products replaced.
+    """
+    decide = decide or _max_dense_rows
+    graph = gm.graph
+    replaced = 0
+    for record in records:
+        member = _dense_member(record, weights, graph)
+        if member is None:
+            continue
+        proj = record.projection
+        x = arguments(member.node)[proj.x_arg]
+        meta = tensor_meta(x)
+        rows = static_rows(meta)
+        if rows is None or not isinstance(meta.shape[1], int):
+            continue
+        D = int(meta.shape[1])
+        if not 1 <= rows <= MAX_ROWS:
+            continue
+        max_rows = decide(D, proj.out_features, meta.dtype)
+        if rows > max_rows:
+            continue
+        node = member.node
+        with graph.inserting_before(node):
+            wt_node, b_node = prepared_constants(
+                add_constant, [member], meta.dtype, x,
+                lambda group, dtype=meta.dtype: _prepared_weight(group, dtype))
+            y = insert_op(graph, qsparse.cpu_topk_linear.default, {
+                "x": x, "k": D, "n": 0, "m": 0, "rescale": False, "weight_t": wt_node,
+                "bias": b_node, "max_sparse_rows": max_rows}, node)
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+        for view in reversed(proj.weight_chain):  # the weight's transpose, now unread
+            if view.graph is graph and not view.users:
+                graph.erase_node(view)
         replaced += 1
     return replaced

@@ -42,7 +42,7 @@ from ..options import CompileOptions
 from ..rotations import Rotations
 from .block_prefill import use_block_sparse_linear
 from .constants import AddConstant
-from .cpu_decode import lower_cpu_decode
+from .cpu_decode import lower_cpu_decode, lower_dense_decode
 from .cuda_decode import lower_cuda_decode
 from .fold_weights import fold_weight_formats
 from .fuse_norm import fuse_norm_sparsify
@@ -210,6 +210,8 @@ class PassManager:
             if lower and options.decode and result.triton is None:
                 step("cpu_decode", lambda: lower_cpu_decode(gm, weights, config, add_constant,
                                                             decide=self.decide))
+                step("dense_decode", lambda: lower_dense_decode(gm, weights, records,
+                                                                add_constant))
             if options.fuse:
                 step("fuse", lambda: fuse_norm_sparsify(gm))
             if result.triton is not None and lower and options.decode:

@@ -27,15 +27,21 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 @pytest.fixture
 def decide(monkeypatch):
-    """Fix the cost model's answer (max rows for the fused kernel); record what it was asked."""
+    """Fix the cost model's answers (max rows for the fused kernel on sparsified groups, and
+    on dense products: 0 unless given, the head stays ``mm``); record what it was asked."""
     asked = []
 
-    def set_rows(rows: int) -> list:
+    def set_rows(rows: int, dense_rows: int = 0) -> list:
         def fake(in_features, out_features, dtype, density):
             asked.append((in_features, out_features, dtype, density))
             return rows
 
+        def fake_dense(in_features, out_features, dtype):
+            asked.append(("dense", in_features, out_features, dtype))
+            return dense_rows
+
         monkeypatch.setattr(cpu_decode, "_max_sparse_rows", fake)
+        monkeypatch.setattr(cpu_decode, "_max_dense_rows", fake_dense)
         return asked
 
     return set_rows
@@ -79,7 +85,7 @@ def test_groups_collapse_and_outputs_match_reference(name, options, decide):
     assert dense_projections(before) - dense_projections(after) == \
         HF_MODELS[name].per_layer * LAYERS
     assert backend.results[0].decode == groups
-    assert len(asked) == groups
+    assert len([a for a in asked if a[0] != "dense"]) == groups
     torch.testing.assert_close(out, _reference(model, options, ids), atol=2e-5, rtol=2e-5)
 
 
@@ -227,3 +233,70 @@ def test_prepared_weights_follow_the_weights_the_graph_runs_with(decide):
         first.proj.weight.mul_(2)  # an in-place update (an optimizer step, load_state_dict)
         torch.testing.assert_close(torch.compile(first, backend=backend)(x),
                                    _expected(first, x))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_dense_head_takes_the_kernel_with_every_feature(name, decide):
+    """The head the configuration leaves dense becomes ``cpu_topk_linear`` with ``k = D`` over
+    its K-major weight where the cost model says so; the logits are the dense product's."""
+    asked = decide(8, dense_rows=1)
+    model = HF_MODELS[name].build()
+    ids = token_ids(batch=1, seq=1)
+    out, backend = _run(model, {"sparsity": 0.5}, ids)
+    groups = GROUPS_PER_LAYER[name] * LAYERS
+    before, after = backend.before_live[0], backend.after[0]
+    assert after["cpu_topk_linear"] == groups + 1
+    assert dense_projections(after) == 0  # the head's mm too
+    assert dense_projections(before) == HF_MODELS[name].per_layer * LAYERS + 1
+    head = model.get_output_embeddings().weight
+    assert ("dense", head.shape[1], head.shape[0], torch.float32) in asked
+    result = backend.results[0]
+    (call,) = [n for n in result.graph.graph.nodes
+               if n.target == torch.ops.qsparse.cpu_topk_linear.default
+               and n.kwargs.get("k", n.args[1]) == head.shape[1]
+               and result.constants[n.kwargs.get("weight_t", n.args[5]).name].shape[1]
+               == head.shape[0]]
+    assert torch.equal(result.constants[call.kwargs.get("weight_t", call.args[5]).name],
+                       head.t())
+    torch.testing.assert_close(out, _reference(model, {"sparsity": 0.5}, ids), atol=2e-5,
+                               rtol=2e-5)
+
+
+@pytest.mark.parametrize("rows,batch,taken", [(0, 1, False), (1, 2, False), (2, 2, True)])
+def test_dense_cost_model_gate(decide, rows, batch, taken):
+    decide(8, dense_rows=rows)
+    model = HF_MODELS["llama"].build()
+    ids = token_ids(batch=batch, seq=1)
+    out, backend = _run(model, {"sparsity": 0.5}, ids)
+    assert backend.after[0]["cpu_topk_linear"] == 4 * LAYERS + taken
+    assert dense_projections(backend.after[0]) == (not taken)
+    torch.testing.assert_close(out, _reference(model, {"sparsity": 0.5}, ids), atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_dense_excluded_projection_with_bias(decide):
+    """An excluded biased projection (``addmm``) takes the kernel with its bias; the sparse
+    one beside it keeps its own group."""
+    decide(8, dense_rows=8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(),
+                                torch.nn.Linear(40, 16))
+    options = {"sparsity": 0.5, "exclude": ("0",), "dense_roles": ()}
+    backend = CountingBackend(options, "eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        out = compiled(x)
+        with reference_model(model, **options):
+            expected = model(x)
+    assert backend.after[0]["cpu_topk_linear"] == 2
+    assert dense_projections(backend.after[0]) == 0
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_left_alone_in_training_graphs(decide):
+    decide(8, dense_rows=8)
+    model = HF_MODELS["llama"].build()
+    _, backend = _run(model, {"sparsity": 0.5}, token_ids(batch=1, seq=1), grad=True)
+    assert backend.after[0]["cpu_topk_linear"] == 0
+    assert dense_projections(backend.after[0]) == 1  # the head, untouched

@@ -23,10 +23,13 @@ def _compile(model, options, *args, grad=False, **kwargs):
 
 def test_passes_run_in_order_and_report_what_they_changed(monkeypatch):
     monkeypatch.setattr(cpu_decode, "_max_sparse_rows", lambda *args: 8)
+    monkeypatch.setattr(cpu_decode, "_max_dense_rows", lambda *args: 1)
     model = HF_MODELS["llama"].build()
     result = _compile(model, {"sparsity": 0.5}, token_ids(1, 1), use_cache=False)
-    assert list(result.passes) == ["rewrite", "share", "cpu_decode", "fuse", "fold_weights"]
+    assert list(result.passes) == ["rewrite", "share", "cpu_decode", "dense_decode", "fuse",
+                                   "fold_weights"]
     assert result.passes["rewrite"] == 14 and result.passes["cpu_decode"] == 8
+    assert result.passes["dense_decode"] == 1  # the head
     assert result.passes["fold_weights"] == 0  # no weight format: nothing to fold
     assert result.inference and result.triton is None
     assert sum(r.plan.dense for r in result.records) == 1  # the head

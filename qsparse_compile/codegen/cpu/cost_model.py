@@ -26,10 +26,20 @@ A weight format (``fmt``: ``"int8"``, ``"int4"``, ``"ternary"``) times the packe
 dense ``addmm`` with the dequantised weights held in the activation's dtype: what the group
 costs when the packed kernel does not take it).
 
+A projection the model leaves dense (the output head by default, DESIGN.md point 8) has a
+different alternative: a bare dense product. ``dense=True`` (:func:`choose_dense`) times the
+fused kernel keeping every feature (``k = D``: no selection, K-major weight rows streamed
+once) against ``torch.mm`` of the activation with the ``[out, in]`` weight transposed, which is
+what the graph computes otherwise. On the 2-core EPYC this project measures on, SmolLM2's
+tied 576 -> 49152 head took 8-10 ms through ``torch.mm`` and 2.5-4.4 ms through the kernel.
+
 Calibrations are cached in memory and on disk (``<cache>/cpu/cost_model/*.json``, keyed by shape,
 dtype, tokens, threads, host CPU, torch version and kernel source), so each shape is measured once
 per machine; one calibration costs a few dozen kernel calls (0.1–1 s for 7B-model shapes on 2
-cores).
+cores). One measured while other processes kept half a CPU or more busy
+(:class:`~.machine.LoadProbe`) is used by this process only and not written to disk: on a
+2-core machine busy with a build, every fused call timed 4-8 ms instead of 30-100 us, and that
+calibration, stored, would have left every group of every later process on the slow path.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import torch
 
 from . import topk_linear_op
 from .compiler import cache_dir, host_fingerprint
-from .machine import CacheFlusher
+from .machine import CacheFlusher, LoadProbe
 from .packed_linear_op import prepare_packed_weight
 from .packed_linear_template import PackedLinearSpec
 from .packed_linear_template import render as render_packed_linear
@@ -57,6 +67,7 @@ from .topk_linear_template import render as render_topk_linear
 __all__ = [
     "Calibration",
     "calibrate",
+    "choose_dense",
     "choose_sparse",
     "clear_cache",
     "rows_read_fraction",
@@ -65,6 +76,8 @@ __all__ = [
 #: Fractions of weight rows read at which the sparse kernel is timed; the line through the two
 #: points models every other fraction. Far enough apart that noise barely moves the slope.
 CALIBRATION_DENSITIES = (0.25, 0.75)
+#: The same for a dense projection: the kernel keeping all features is the point that matters.
+DENSE_DENSITIES = (0.5, 1.0)
 
 _memory_cache: dict[str, Calibration] = {}
 
@@ -76,10 +89,12 @@ class Calibration:
     Attributes:
         in_features, out_features, tokens, dtype, threads: what was measured (``dtype`` as its
             name, e.g. ``"float32"``).
-        dense_ms: the op's fallback (generic sparsify + dense ``addmm``).
+        dense_ms: the op's fallback (generic sparsify + dense ``addmm``), or for a dense
+            projection (``fallback == "mm"``) the bare ``torch.mm``.
         sparse_ms: the fused kernel at each fraction in ``densities`` of weight rows read.
         densities: the fractions of rows read that ``sparse_ms`` belongs to.
         kernel: the kernel timed (``"topk_linear"``, or ``"packed_linear_<format>"``).
+        fallback: what ``dense_ms`` timed: ``"sparsify_addmm"`` or ``"mm"``.
     """
 
     in_features: int
@@ -91,6 +106,7 @@ class Calibration:
     sparse_ms: tuple[float, ...]
     densities: tuple[float, ...] = CALIBRATION_DENSITIES
     kernel: str = "topk_linear"
+    fallback: str = "sparsify_addmm"
 
     def predict_sparse_ms(self, rows_read: float) -> float:
         """The sparse kernel's time when it reads the fraction ``rows_read`` of weight rows."""
@@ -132,7 +148,7 @@ def _kernel_name(fmt: str | None) -> str:
 
 @functools.cache
 def _key(in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
-         threads: int, fmt: str | None = None) -> str:
+         threads: int, fmt: str | None = None, dense: bool = False) -> str:
     # the kernel's source is part of the key: retuning the kernel invalidates old timings
     if fmt is None:
         source = render_topk_linear(topk_linear_op.default_spec(dtype, tokens))
@@ -142,15 +158,17 @@ def _key(in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
         "\0".join([source, host_fingerprint(), torch.__version__]).encode()
     ).hexdigest()[:12]
     name = str(dtype).removeprefix("torch.")
-    return (f"{_kernel_name(fmt)}_k{in_features}_n{out_features}_t{tokens}_{name}_th{threads}"
-            f"_{digest}")
+    vs = "_vs_mm" if dense else ""
+    return (f"{_kernel_name(fmt)}{vs}_k{in_features}_n{out_features}_t{tokens}_{name}"
+            f"_th{threads}_{digest}")
 
 
 def _measure(
     in_features: int, out_features: int, tokens: int, dtype: torch.dtype,
-    repeats: int, budget_s: float, fmt: str | None = None,
+    repeats: int, budget_s: float, fmt: str | None = None, dense: bool = False,
 ) -> Calibration:  # fmt: skip
-    """Time the fused kernel (two densities) and the fallback (sparsify + dense addmm)."""
+    """Time the fused kernel (two densities) and the fallback (sparsify + dense addmm; with
+    ``dense``, the kernel at half and all of the features against a bare ``torch.mm``)."""
     K, N = in_features, out_features
     # values do not change the time of either path (no denormals, no zero tests on weights),
     # so constant fills stand in for real weights; writing them also commits the pages
@@ -165,6 +183,13 @@ def _measure(
             if rows == 0:  # the fallback: sparsify, then dense addmm in the activation dtype
                 return op(x, k, 0, 0, False, weight_t, None, 0)
             return packed_op(x, k, 0, 0, False, False, fmt, N, packed, None, rows)
+    elif dense:
+        weight = weight_t.t().contiguous()  # [out, in], as the model holds it
+
+        def fused(x, k, rows):
+            if rows == 0:  # what the graph computes without the kernel
+                return torch.mm(x, weight.t())
+            return op(x, k, 0, 0, False, weight_t, None, rows)
     else:
         def fused(x, k, rows):
             return op(x, k, 0, 0, False, weight_t, None, rows)
@@ -175,7 +200,8 @@ def _measure(
         row = torch.randn(K, generator=generator).to(dtype)
         return row.expand(tokens, K).contiguous()
 
-    ks = [max(1, round(d * K)) for d in CALIBRATION_DENSITIES]
+    densities = DENSE_DENSITIES if dense else CALIBRATION_DENSITIES
+    ks = [max(1, round(d * K)) for d in densities]
     flush = CacheFlusher()
 
     timed = flush.time_ms
@@ -199,6 +225,7 @@ def _measure(
         threads=torch.get_num_threads(), dense_ms=min(fallback),
         sparse_ms=tuple(min(s) for s in sparse),
         densities=tuple(k / K for k in ks), kernel=_kernel_name(fmt),
+        fallback="mm" if dense else "sparsify_addmm",
     )
 
 
@@ -238,6 +265,7 @@ def calibrate(
     budget_s: float = 0.5,
     use_cache: bool = True,
     fmt: str | None = None,
+    dense: bool = False,
 ) -> Calibration:
     """Measure (or fetch the cached measurement of) fused vs fallback for one group shape.
 
@@ -251,18 +279,25 @@ def calibrate(
         use_cache: look up and store the result in memory and on disk.
         fmt: a packed weight format: time ``cpu_packed_linear`` over it (None: fp32/bf16
             weights, ``cpu_topk_linear``).
+        dense: a projection the model leaves dense: time the kernel against a bare
+            ``torch.mm`` (fp32/bf16 weights only).
     """
     _check_args(in_features, out_features, tokens, dtype)
-    key = _key(in_features, out_features, tokens, dtype, torch.get_num_threads(), fmt)
+    if dense and fmt is not None:
+        raise ValueError(f"cost model: dense=True times fp32/bf16 weights, got fmt={fmt!r}")
+    key = _key(in_features, out_features, tokens, dtype, torch.get_num_threads(), fmt, dense)
     if use_cache:
         found = _memory_cache.get(key) or _read_disk(key)
         if found is not None:
             _memory_cache[key] = found
             return found
-    result = _measure(in_features, out_features, tokens, dtype, max(1, repeats), budget_s, fmt)
+    probe = LoadProbe()
+    result = _measure(in_features, out_features, tokens, dtype, max(1, repeats), budget_s, fmt,
+                      dense)
     if use_cache:
         _memory_cache[key] = result
-        _write_disk(key, result)
+        if probe.quiet():  # a busy machine's timings decide for this process only
+            _write_disk(key, result)
     return result
 
 
@@ -306,6 +341,23 @@ def choose_sparse(
         return False
     calibration = calibrate(in_features, out_features, tokens, dtype, fmt=fmt)
     return calibration.speedup(rows_read_fraction(float(density), tokens)) >= min_speedup
+
+
+def choose_dense(
+    in_features: int,
+    out_features: int,
+    tokens: int,
+    dtype: torch.dtype,
+    *,
+    min_speedup: float = 1.05,
+) -> bool:
+    """Whether the fused kernel keeping every feature (``k = D``) beats ``torch.mm`` for a
+    projection the model leaves dense (the output head), measured here (see
+    :func:`calibrate` with ``dense=True``); never ``True`` for more than 8 rows."""
+    if tokens > MAX_ROWS:
+        return False
+    calibration = calibrate(in_features, out_features, tokens, dtype, dense=True)
+    return calibration.speedup(1.0) >= min_speedup
 
 
 def clear_cache(disk: bool = False) -> None:

@@ -48,7 +48,8 @@ class PackedLinearSpec:
         prefetch: software-prefetch the next sweep's rows of codes.
 
     The accumulator tile is one panel (:mod:`.packed_weights`): ``rows x panel columns``
-    fp32 (int4: twice, the running sum and the current group's), at most 16 KiB.
+    fp32 (int4: twice, the running sum and the current group's): 4 KiB (int8) to 8 KiB
+    (int4, ternary) per activation row.
     """
 
     dtype: torch.dtype
@@ -148,11 +149,13 @@ static inline __m256 chunk_vec(const uint8_t* src, int v) {
 
 /* ---- sparse GEMV ------------------------------------------------------------------------- */
 
-/* Fold nr rows of one panel's codes into acc[ROWS][PANEL_COLS]. next (nr_next entries) are
+/* Fold nr rows of one panel's codes into acc[ROWS][PANEL_COLS], columns [0, cols) (a multiple
+ * of CHUNK: the last panel's padding is neither read nor computed). next (nr_next entries) are
  * the rows of the following sweep, prefetched meanwhile. */
 static inline __attribute__((always_inline)) void fold_rows(
     float* restrict acc, const int32_t* restrict rows, const float* restrict vals, const int nr,
-    const int32_t* restrict next, const int nr_next, const uint8_t* restrict panel) {
+    const int32_t* restrict next, const int nr_next, const uint8_t* restrict panel,
+    const int64_t cols) {
     const uint8_t* src[ROWS_PER_PASS];
     for (int r = 0; r < nr; ++r) src[r] = panel + (int64_t)rows[r] * PANEL_ROW;
 #if PREFETCH
@@ -166,7 +169,7 @@ static inline __attribute__((always_inline)) void fold_rows(
     __m256 xv[ROWS_PER_PASS * ROWS];
     for (int r = 0; r < nr; ++r)
         for (int t = 0; t < ROWS; ++t) xv[r * ROWS + t] = _mm256_set1_ps(vals[r * ROWS + t]);
-    for (int64_t j = 0; j < PANEL_COLS; j += CHUNK) {
+    for (int64_t j = 0; j < cols; j += CHUNK) {
         const int64_t byte = j / CHUNK * 8;
 #if PREFETCH
         if (byte % 64 == 0)
@@ -185,7 +188,7 @@ static inline __attribute__((always_inline)) void fold_rows(
         }
     }
 #else
-    for (int64_t j = 0; j < PANEL_COLS; ++j)
+    for (int64_t j = 0; j < cols; ++j)
         for (int r = 0; r < nr; ++r) {
             const float q = code_at(src[r], j);
             for (int t = 0; t < ROWS; ++t) acc[t * TILE_COLS + j] += vals[r * ROWS + t] * q;
@@ -195,15 +198,15 @@ static inline __attribute__((always_inline)) void fold_rows(
 
 /* Kept rows [i0, i1) of one panel into acc, in sweeps of ROWS_PER_PASS. */
 static inline void fold_range(float* acc, const int32_t* rows, const float* vals, int64_t i0,
-                              int64_t i1, const uint8_t* panel) {
+                              int64_t i1, const uint8_t* panel, int64_t cols) {
     int64_t i = i0;
     for (; i + ROWS_PER_PASS <= i1; i += ROWS_PER_PASS) {
         const int64_t left = i1 - (i + ROWS_PER_PASS);
         const int nr_next = left < ROWS_PER_PASS ? (int)left : ROWS_PER_PASS;
         fold_rows(acc, rows + i, vals + i * ROWS, ROWS_PER_PASS, rows + i + ROWS_PER_PASS,
-                  nr_next, panel);
+                  nr_next, panel, cols);
     }
-    for (; i < i1; ++i) fold_rows(acc, rows + i, vals + i * ROWS, 1, rows, 0, panel);
+    for (; i < i1; ++i) fold_rows(acc, rows + i, vals + i * ROWS, 1, rows, 0, panel, cols);
 }
 
 #if FMT == FMT_INT4
@@ -231,13 +234,13 @@ static inline float half_to_f32(uint16_t h) {
 #endif
 }
 
-/* acc[t][j] += d[j] * gacc[t][j] + m[j] * xsum[t] over the panel's columns. */
+/* acc[t][j] += d[j] * gacc[t][j] + m[j] * xsum[t] over the panel's columns [0, cols). */
 static inline void fold_group(float* restrict acc, const float* restrict gacc,
                               const uint16_t* restrict d, const uint16_t* restrict m,
-                              const float* restrict xsum) {
+                              const float* restrict xsum, const int64_t cols) {
     int64_t j = 0;
 #if QS_F16C
-    for (; j + 8 <= PANEL_COLS; j += 8) {
+    for (; j + 8 <= cols; j += 8) {
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + j)));
         const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + j)));
         for (int t = 0; t < ROWS; ++t) {
@@ -249,7 +252,7 @@ static inline void fold_group(float* restrict acc, const float* restrict gacc,
         }
     }
 #endif
-    for (; j < PANEL_COLS; ++j) {
+    for (; j < cols; ++j) {
         const float dj = half_to_f32(d[j]), mj = half_to_f32(m[j]);
         for (int t = 0; t < ROWS; ++t)
             acc[t * TILE_COLS + j] += dj * gacc[t * TILE_COLS + j] + mj * xsum[t];
@@ -258,11 +261,12 @@ static inline void fold_group(float* restrict acc, const float* restrict gacc,
 #endif
 
 /* One thread's share, kept rows [i0, i1) (int4: whole groups [g0, g1), their rows starting at
- * gstart[g]), over all Np columns, panel by panel, into part[ROWS][Np] (fp32). */
+ * gstart[g]), over the used columns (the first N, in whole chunks), panel by panel, into
+ * part[ROWS][Np] (fp32). */
 static void gemv_share(const int32_t* rows, const float* vals, int64_t i0, int64_t i1,
                        const int64_t* gstart, const float* xsum, int64_t g0, int64_t g1,
                        const uint8_t* codes, int64_t panel_bytes, const uint16_t* dq,
-                       const uint16_t* mq, int64_t Np, float* part) {
+                       const uint16_t* mq, int64_t N, int64_t Np, float* part) {
     float acc[ROWS * TILE_COLS] __attribute__((aligned(64)));
 #if FMT == FMT_INT4
     float gacc[ROWS * TILE_COLS] __attribute__((aligned(64)));
@@ -276,21 +280,24 @@ static void gemv_share(const int32_t* rows, const float* vals, int64_t i0, int64
     (void)dq;
     (void)mq;
 #endif
-    for (int64_t c0 = 0; c0 < Np; c0 += PANEL_COLS) {
+    const int64_t used = (N + CHUNK - 1) / CHUNK * CHUNK;
+    for (int64_t c0 = 0; c0 < used; c0 += PANEL_COLS) {
         const uint8_t* panel = codes + (c0 / PANEL_COLS) * panel_bytes;
+        const int64_t cols = used - c0 < PANEL_COLS ? used - c0 : PANEL_COLS;
         memset(acc, 0, sizeof(acc));
 #if FMT == FMT_INT4
         for (int64_t g = g0; g < g1; ++g) {
             if (gstart[g] == gstart[g + 1]) continue;  /* no row kept a feature of it */
-            memset(gacc, 0, sizeof(gacc));
-            fold_range(gacc, rows, vals, gstart[g], gstart[g + 1], panel);
-            fold_group(acc, gacc, dq + g * Np + c0, mq + g * Np + c0, xsum + g * ROWS);
+            for (int t = 0; t < ROWS; ++t)
+                memset(gacc + t * TILE_COLS, 0, sizeof(float) * (size_t)cols);
+            fold_range(gacc, rows, vals, gstart[g], gstart[g + 1], panel, cols);
+            fold_group(acc, gacc, dq + g * Np + c0, mq + g * Np + c0, xsum + g * ROWS, cols);
         }
 #else
-        fold_range(acc, rows, vals, i0, i1, panel);
+        fold_range(acc, rows, vals, i0, i1, panel, cols);
 #endif
         for (int t = 0; t < ROWS; ++t) memcpy(part + t * Np + c0, acc + t * TILE_COLS,
-                                              sizeof(float) * PANEL_COLS);
+                                              sizeof(float) * (size_t)cols);
     }
 }
 
@@ -343,7 +350,7 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
 
     /* 2a. threads split the kept rows (int4: the groups); each sums into its own partial */
     int64_t team = nthreads;
-    const int64_t bytes = nnz * (Np / PANEL_COLS) * PANEL_ROW;
+    const int64_t bytes = nnz * ((N + CHUNK - 1) / CHUNK) * 8;  /* codes read */
     if (team > bytes / MIN_BYTES_PER_THREAD) team = bytes / MIN_BYTES_PER_THREAD;
     if (team > nnz / ROWS_PER_PASS) team = nnz / ROWS_PER_PASS;
     if (FMT == FMT_INT4 && team > groups) team = groups;
@@ -375,8 +382,8 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
             while (g1 < groups && gstart[g1] < hi) ++g1;
             if (tid == size - 1) g1 = groups;
         }
-        gemv_share(rows, vals, i0, i1, gstart, xsum, g0, g1, packed, panel_bytes, dq, mq, Np,
-                   part + tid * ROWS * Np);
+        gemv_share(rows, vals, i0, i1, gstart, xsum, g0, g1, packed, panel_bytes, dq, mq, N,
+                   Np, part + tid * ROWS * Np);
     }
 
     /* 2b. y = bias + scale * (the partial sums), in a fixed order */

@@ -14,7 +14,8 @@ worst case), a stall a single thread never has.
 streams from DRAM, as at decode), fastest of a few interleaved repeats each, and returns the
 thread count to use: all of them if they are at least ``MIN_GAIN`` times faster, else one. The
 answer is cached in memory and on disk (``<cache>/cpu/cost_model/threads_*.json``, keyed by host
-CPU, thread count and torch version), so the measurement (~0.1 s) runs once per machine.
+CPU, thread count and torch version), so the measurement (~0.1 s) runs once per machine; on disk
+only when other processes left the machine quiet meanwhile (:class:`.machine.LoadProbe`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from .compiler import cache_dir, host_fingerprint
+from .machine import LoadProbe
 
 __all__ = ["MIN_GAIN", "kernel_threads"]
 
@@ -61,8 +63,11 @@ def _decide(threads: int, measure_gain: Callable[[int], float]) -> int:
         return int(json.loads(path.read_text())["kernel_threads"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    probe = LoadProbe()
     gain = measure_gain(threads)
     chosen = threads if gain >= MIN_GAIN else 1
+    if not probe.quiet():
+        return chosen  # a busy machine's answer holds for this process only
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,7 +1,7 @@
 """Decode sparse GEMV over packed int8 / int4 / ternary weights: tiling, launch, reference.
 
 See :mod:`.packed_gemv_template` for the kernel. The weights are the buffer the CPU decode
-kernel reads (:mod:`..cpu.packed_weights`: K-major panels of 128 bytes of codes per row, then
+kernel reads (:mod:`..cpu.packed_weights`: K-major panels of 512 bytes of codes per row, then
 the scales), made by :func:`prepare_packed_weight` on the activations' device; one layout for
 both kernels, so a group's weights are packed, and tested, one way. The formats are those of
 DESIGN.md rule 10 (and rule 6 for ternary): the kernel equals the fp32 product with
@@ -32,6 +32,7 @@ from .gemv import (
     DEFAULT_SMS,
     MAX_TOKENS,
     REDUCE_BLOCK,
+    ROW_RUN_BYTES,
     WARPS,
     device_sms,
     k_splits,
@@ -91,10 +92,7 @@ def _floor_pow2(n: int) -> int:
 def used_row_bytes(layout: PackedLayout) -> int:
     """Bytes of a (panel-major) row of codes that hold real columns: whole chunks up to the
     last column; the padding past them needs no program."""
-    per = codes_per_byte(layout.format)
-    full, rest = divmod(layout.out_features, layout.panel_cols)
-    tail = -(-rest // (CHUNK_BYTES * per)) * CHUNK_BYTES
-    return full * PANEL_ROW_BYTES + tail
+    return layout.used_row_bytes
 
 
 def packed_gemv_config(
@@ -110,18 +108,19 @@ def packed_gemv_config(
         num_sms: streaming multiprocessors of the device.
         splits, block_k, block_bytes: overrides (tests use them to reach every path).
 
-    A program reads a whole 128-byte panel row (``ROW_RUN_BYTES`` of the dense GEMV: the run a
-    dropped feature skips) unless the tokens' accumulators (``tokens * BK * columns`` fp32
-    values, within the dense GEMV's ``ACC_ELEMENTS``) would leave fewer than
-    :data:`MIN_BLOCK_K` rows per tile; then the bytes per program halve until they do (at
-    least one chunk). ``BK`` fills the remaining budget (at most 32 for int4: a tile lies in
-    one group) and the split count follows the dense GEMV's rule (:func:`.gemv.k_splits`).
+    A program reads 128 bytes of a panel row (``ROW_RUN_BYTES`` of the dense GEMV: the run a
+    dropped feature skips; a CPU panel row holds several) unless the tokens' accumulators
+    (``tokens * BK * columns`` fp32 values, within the dense GEMV's ``ACC_ELEMENTS``) would
+    leave fewer than :data:`MIN_BLOCK_K` rows per tile; then the bytes per program halve until
+    they do (at least one chunk). ``BK`` fills the remaining budget (at most 32 for int4: a
+    tile lies in one group) and the split count follows the dense GEMV's rule
+    (:func:`.gemv.k_splits`).
     """
     layout = packed_layout(fmt, k, n)
     per, tb = codes_per_byte(fmt), next_pow2(tokens)
     used = used_row_bytes(layout)
     fitting = _floor_pow2(ACC_ELEMENTS // (tb * MIN_BLOCK_K * per))
-    bb = block_bytes or min(PANEL_ROW_BYTES, max(CHUNK_BYTES, fitting),
+    bb = block_bytes or min(ROW_RUN_BYTES, max(CHUNK_BYTES, fitting),
                             max(CHUNK_BYTES, next_pow2(used)))
     if bb & (bb - 1) or not CHUNK_BYTES <= bb <= PANEL_ROW_BYTES:
         raise ValueError(f"{_OP}: block_bytes must be a power of two in [{CHUNK_BYTES}, "

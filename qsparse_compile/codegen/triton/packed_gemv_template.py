@@ -1,11 +1,11 @@
 """Template of the decode sparse GEMV over packed low-bit weights: ``y = x_s @ dequant(P) (+ b)``.
 
 The weights are the packed K-major buffer of the CPU kernel (:mod:`..cpu.packed_weights`): the
-output columns are cut into *panels* of 128 bytes of codes per row, each panel stored whole,
+output columns are cut into *panels* of 512 bytes of codes per row, each panel stored whole,
 its ``K`` rows one after the other. On a GPU that layout is what a GEMV program wants too: a
-program owns a run of ``BB`` bytes (a power of two, 8..128) of one panel's rows, so the
-``[BK, BB]`` tile it loads is ``BK`` rows of ``BB`` bytes, ``128`` bytes apart (the whole
-tile one contiguous region when ``BB == 128``), and a feature that is zero for every token
+program owns a run of ``BB`` bytes (a power of two, 8..512; 128 unless set) of one panel's
+rows, so the ``[BK, BB]`` tile it loads is ``BK`` rows of ``BB`` bytes, 512 bytes apart (the
+whole tile one contiguous region when ``BB == 512``), and a feature that is zero for every token
 skips its ``BB`` bytes: its lanes are masked off and issue no memory request. The codes of one
 8-byte *chunk* are interleaved: code ``j`` of byte ``i`` (``j < C``, ``C`` codes per byte: 1
 for int8, 2 for int4, 4 for ternary) is column ``8 j + i`` of the chunk's ``8 C`` columns. The

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from qsparse_compile.codegen.cpu import cost_model, thread_policy
+from qsparse_compile.codegen.cpu import cost_model, machine, thread_policy
 
 
-def test_cost_model_measures_and_caches(tmp_path, monkeypatch):
+class _Probe:
+    """A load probe with a fixed answer (the real one reads /proc: another test process on
+    the same machine would make it busy)."""
+
+    busy = 0.0
+
+    def others_busy_cpus(self) -> float:
+        return self.busy
+
+    def quiet(self) -> bool:
+        return self.busy < machine.QUIET_BELOW_CPUS
+
+
+@pytest.fixture
+def load(monkeypatch):
+    """Set how busy other processes keep the machine while something is measured."""
+    def set_busy(cpus: float) -> None:
+        monkeypatch.setattr(_Probe, "busy", cpus)
+
+    monkeypatch.setattr(cost_model, "LoadProbe", _Probe)
+    monkeypatch.setattr(thread_policy, "LoadProbe", _Probe)
+    set_busy(0.0)
+    return set_busy
+
+
+def test_cost_model_measures_and_caches(tmp_path, monkeypatch, load):
     monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
     cost_model.clear_cache()
     cal = cost_model.calibrate(64, 96, 1, torch.float32, repeats=3)
@@ -28,7 +55,7 @@ def test_cost_model_measures_and_caches(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "ternary"])
-def test_cost_model_times_the_packed_kernel_per_format(tmp_path, monkeypatch, fmt):
+def test_cost_model_times_the_packed_kernel_per_format(tmp_path, monkeypatch, fmt, load):
     """A weight format is a calibration of its own: the packed kernel against the same
     fallback, cached under its own key."""
     monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
@@ -61,7 +88,7 @@ def test_cost_model_prediction_and_errors():
     assert cost_model.choose_sparse(64, 64, 9, torch.float32, 0.5) is False
 
 
-def test_thread_policy_asks_the_kernel_once_per_thread_count(tmp_path, monkeypatch):
+def test_thread_policy_asks_the_kernel_once_per_thread_count(tmp_path, monkeypatch, load):
     """The policy times nothing itself: the kernel module passes its measurement."""
     monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(thread_policy, "_DECIDED", {})
@@ -79,3 +106,53 @@ def test_thread_policy_asks_the_kernel_once_per_thread_count(tmp_path, monkeypat
     monkeypatch.setattr(thread_policy, "_DECIDED", {})
     monkeypatch.setenv("QSPARSE_CPU_THREADS", "1")
     assert thread_policy.kernel_threads(gain) == 1
+
+
+def test_busy_measurements_are_not_stored(tmp_path, monkeypatch, load):
+    """What was timed while other processes kept the CPUs busy decides for this process only:
+    the next one measures again."""
+    monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
+    cost_model.clear_cache()
+    load(1.5)
+    cal = cost_model.calibrate(64, 96, 1, torch.float32, repeats=3)
+    assert cost_model.calibrate(64, 96, 1, torch.float32) is cal  # this process: memory
+    assert not list((tmp_path / "cpu" / "cost_model").glob("*.json"))
+    cost_model.clear_cache()
+    load(0.0)
+    cost_model.calibrate(64, 96, 1, torch.float32, repeats=3)
+    assert len(list((tmp_path / "cpu" / "cost_model").glob("*.json"))) == 1
+    cost_model.clear_cache()
+
+    monkeypatch.setattr(thread_policy, "_DECIDED", {})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    load(1.5)
+    assert thread_policy.kernel_threads(lambda t: 0.5) == 1
+    monkeypatch.setattr(thread_policy, "_DECIDED", {})
+    load(0.0)
+    assert thread_policy.kernel_threads(lambda t: 1.5) == 2  # measured again, not read back
+
+
+def test_cost_model_dense_times_the_kernel_against_mm(tmp_path, monkeypatch, load):
+    """``dense=True``: the kernel keeping every feature against a bare ``torch.mm``, cached
+    under its own key; only fp32/bf16 weights."""
+    monkeypatch.setenv("QSPARSE_CACHE_DIR", str(tmp_path))
+    cost_model.clear_cache()
+    cal = cost_model.calibrate(64, 96, 2, torch.float32, repeats=3, dense=True)
+    assert cal.fallback == "mm" and cal.densities == (0.5, 1.0)
+    assert cal.dense_ms > 0 and all(t > 0 for t in cal.sparse_ms)
+    assert cal.predict_sparse_ms(1.0) == pytest.approx(cal.sparse_ms[1])
+    plain = cost_model.calibrate(64, 96, 2, torch.float32, repeats=3)
+    assert plain.fallback == "sparsify_addmm"
+    assert len(list((tmp_path / "cpu" / "cost_model").glob("*.json"))) == 2
+    assert isinstance(cost_model.choose_dense(64, 96, 2, torch.float32), bool)
+    assert cost_model.choose_dense(64, 96, 9, torch.float32) is False
+    with pytest.raises(ValueError, match="dense=True times fp32/bf16 weights, got fmt='int8'"):
+        cost_model.calibrate(64, 96, 1, torch.float32, fmt="int8", dense=True)
+    cost_model.clear_cache()
+
+
+def test_load_probe_reads_the_machine():
+    probe = machine.LoadProbe()
+    busy = probe.others_busy_cpus()
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
+    assert isinstance(probe.quiet(), bool)

@@ -31,6 +31,7 @@ from qsparse_compile import reference  # noqa: E402
 from qsparse_compile.codegen.cpu import packed_linear_op  # noqa: E402
 from qsparse_compile.codegen.cpu.packed_weights import (  # noqa: E402
     FORMATS,
+    PANEL_ROW_BYTES,
     dequantize,
     pack,
     quantize,
@@ -178,7 +179,8 @@ def test_dropped_groups_read_no_codes_and_no_scales():
         packed = pg.prepare_packed_weight([on_device(torch.randn(n, k))], fmt)
         layout = pg.packed_layout(fmt, k, n)
         poisoned = packed.cpu().clone()
-        codes = poisoned[:k * layout.row_bytes].view(-1, k, 128)  # [panels, K, 128 bytes]
+        # [panels, K, bytes of a panel row]
+        codes = poisoned[:k * layout.row_bytes].view(-1, k, PANEL_ROW_BYTES)
         codes[:, ~live] = 0x5A
         if fmt == "int4":
             for offset in (layout.scale_offset, layout.min_offset):
@@ -257,8 +259,9 @@ def test_rejects_bad_arguments():
         pg.packed_gemv(x, "int2", 6, packed)
     with pytest.raises(ValueError, match=r"uint8 buffer .* format 'int8'"):
         pg.packed_gemv(x, "int8", 6, packed)
-    with pytest.raises(ValueError, match=r"out_features=300"):
-        pg.packed_gemv(x, "int4", 300, packed)
+    past = _panel_cols("int4") + 1  # needs a second panel the buffer does not have
+    with pytest.raises(ValueError, match=rf"out_features={past}"):
+        pg.packed_gemv(x, "int4", past, packed)
     with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
         pg.packed_gemv(x, "int4", 6, packed, on_device(torch.randn(5)))
     with pytest.raises(TypeError, match="bias must have x's dtype"):
