@@ -9,6 +9,26 @@ Held-out Shakespeare perplexity of the pretrained model (no training) with, at 4
   same activated-parameter budget as uniform top-K (loss proxy measured in rotated space);
 * ``alloc``: the allocation without rotations (proxy measured in the original space).
 
+Training-free mode (rotations folded into the weights, no runtime product; allocation by the
+measured loss), :data:`FOLDED_ROWS`:
+
+* ``fold-pca``: one residual-stream rotation (PCA of the weightless normalised stream at every
+  norm, pooled) folded with the norm weights into embedding, readers and writers;
+* ``fold-pca-heads``: plus one rotation per kv head of o's input, folded into v and o;
+* ``fold-scaled``: plus every projection input scaled by its weight columns' norms, folded into
+  norm weights / readers, v / o, up / down (top-K keeps the largest ``|x_j| ||W[:, j]||``);
+* ``fold-hadamard``: data-free randomised Hadamard-like rotations (residual and heads) instead;
+* ``fold-layers``: one PCA rotation per layer (+ heads, scales); the stream changes basis
+  between layers, a ``D x D`` product per boundary at runtime (counted in ``added_macs``);
+* ``fold-segments3``: the same with 3 segments of 10 layers sharing a rotation: 2 changes;
+* ``loss-alloc``: per-role sparsities (q/k/v, o, gate/up, down) by TEAL's greedy on the
+  measured loss of held-out calibration windows, at the activated budget of uniform top-K;
+* ``fold-loss-alloc``: ``fold-scaled`` with the loss-driven allocation (measured on it).
+
+Every folded row is the folded model compiled by ``backend="qsparse"`` with plain options, so
+the decode fast paths run the folded weights; :func:`row_model` builds it for timing
+(``run(..., timer=...)`` records what a timer returns under each row's ``speed``).
+
 Calibration tokens come from the *training* plays only (random windows, ``--seed``); the
 evaluation windows are those of ``examples/continue_train.py`` (same held-out plays, same
 windows), every row compiled through ``torch.compile(backend="qsparse")``, so the numbers
@@ -27,7 +47,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +60,8 @@ from qsparse_compile.compile_records import records_of
 from qsparse_compile.report import report
 from qsparse_compile.research.allocation import activated, allocation_table, budget
 from qsparse_compile.research.calibration import summary
+from qsparse_compile.research.folded_rotations import FoldedRotations, calibrate_folded
+from qsparse_compile.research.loss_allocation import loss_allocation
 
 #: Rows of the table: (sparsity, rotated, allocated); dense has sparsity 0.
 ROWS: dict[str, tuple[float, bool, bool]] = {
@@ -53,6 +75,27 @@ ROWS: dict[str, tuple[float, bool, bool]] = {
     "alloc40": (0.4, False, True),
     "alloc50": (0.5, False, True),
 }
+
+#: Folding variants: keyword arguments of calibrate_folded, and the importance-scale power.
+FOLDS: dict[str, tuple[dict[str, Any], float | None]] = {
+    "none": ({"residual": None, "heads": None}, None),
+    "pca": ({"residual": "pca", "heads": None}, None),
+    "pca-heads": ({"residual": "pca", "heads": "pca"}, None),
+    "scaled": ({"residual": "pca", "heads": "pca"}, 1.0),
+    "hadamard": ({"residual": "hadamard", "heads": "hadamard"}, None),
+    "layers": ({"residual": "pca", "per_layer": True, "heads": "pca"}, 1.0),
+    "segments3": ({"residual": "pca", "per_layer": True, "segments": 3, "heads": "pca"}, 1.0),
+}
+
+#: Training-free rows: (sparsity, fold variant, loss-driven allocation).
+FOLDED_ROWS: dict[str, tuple[float, str, bool]] = {
+    **{f"{name}{p}": (p / 100, fold, alloc) for p in (40, 50) for name, fold, alloc in (
+        ("fold-scaled", "scaled", False), ("loss-alloc", "none", True),
+        ("fold-loss-alloc", "scaled", True), ("fold-pca", "pca", False),
+        ("fold-pca-heads", "pca-heads", False), ("fold-hadamard", "hadamard", False),
+        ("fold-layers", "layers", False), ("fold-segments3", "segments3", False))},
+}
+ALL_ROWS = [*ROWS, *FOLDED_ROWS]
 
 
 @dataclasses.dataclass
@@ -70,10 +113,14 @@ class Settings:
     threads: int = 1
     layers: int | None = None  # keep the first n decoder layers (smoke tests)
     train_chars: int | None = None  # tokenize only the start of the training plays (smoke)
+    fold_seqs: int = 16  # calibration windows of the folded rotations (training plays)
+    alloc_seqs: int = 1  # held-out calibration windows whose loss drives the allocation
+    alloc_step: float = 0.1  # sparsity added to one role group per greedy step
 
 
 QUICK = {"calib_seqs": 2, "calib_len": 32, "sample_rows": 32, "eval_seqs": 4, "eval_len": 32,
-         "eval_batch": 2, "layers": 2, "train_chars": 100_000}
+         "eval_batch": 2, "layers": 2, "train_chars": 100_000, "fold_seqs": 2,
+         "alloc_seqs": 1, "alloc_step": 0.25}
 
 
 def calibration_batches(train: torch.Tensor, count: int, length: int, seed: int
@@ -123,8 +170,118 @@ def run_row(name: str, model: torch.nn.Module, cal: qc.Calibration, windows: tor
     return row
 
 
+class FoldedState:
+    """The folded rotations and loss-driven allocations of one run: computed on first use,
+    cached under ``cal_dir`` (so a resumed run reuses them), reported in the log."""
+
+    def __init__(self, model: torch.nn.Module, train: torch.Tensor, s: Settings, cal_dir: Path,
+                 progress: bool):
+        self.model, self.train, self.s, self.progress = model, train, s, progress
+        self.tag = f"seed{s.seed}{'-quick' if s.layers else ''}"
+        self.cal_dir = cal_dir
+        self._rotations: dict[str, FoldedRotations] = {}
+        self._allocations: dict[str, dict[str, Any]] = {}
+
+    def rotations(self, fold: str) -> FoldedRotations:
+        if fold not in self._rotations:
+            path = self.cal_dir / f"folded-{fold}-{self.tag}.safetensors"
+            if path.is_file():
+                self._rotations[fold] = FoldedRotations.load(path)
+            else:
+                kwargs, power = FOLDS[fold]
+                if "segments" in kwargs:  # smoke runs have fewer layers than segments
+                    kwargs = {**kwargs, "segments": min(kwargs["segments"],
+                                                        len(self.model.model.layers))}
+                t0 = time.perf_counter()
+                batches = calibration_batches(self.train, self.s.fold_seqs, self.s.calib_len,
+                                              self.s.seed)
+                rot = calibrate_folded(self.model, batches, seed=self.s.seed,
+                                       runner=self.model.model, **kwargs)
+                rot.scale_power = power
+                rot.metadata["wall_s"] = round(time.perf_counter() - t0, 1)
+                rot.save(path)
+                self._rotations[fold] = rot
+        return self._rotations[fold]
+
+    def folded(self, fold: str) -> torch.nn.Module:
+        return self.rotations(fold).apply(self.model)
+
+    def allocation(self, fold: str, sparsity: float) -> dict[str, Any]:
+        """The loss-driven allocation of ``fold``'s model at ``sparsity`` (both targets of
+        one greedy trajectory are computed together)."""
+        if fold not in self._allocations:
+            path = self.cal_dir / f"loss-alloc-{fold}-{self.tag}.json"
+            if path.is_file():
+                self._allocations[fold] = read_json(path)
+            else:
+                t0 = time.perf_counter()
+                model = self.folded(fold)
+                # held-out calibration: training-play windows of another seed than the fold's
+                ids = torch.cat([b["input_ids"] for b in calibration_batches(
+                    self.train, self.s.alloc_seqs, self.s.calib_len, self.s.seed + 1)])
+                found = loss_allocation(model, [ids], targets=(0.4, 0.5),
+                                        step=self.s.alloc_step,
+                                        progress=print if self.progress else None)
+                self._allocations[fold] = {
+                    f"{t:g}": {**a.to_dict(), "calib_tokens": int(ids.numel())}
+                    for t, a in found.items()}
+                self._allocations[fold]["wall_s"] = round(time.perf_counter() - t0, 1)
+                write_json(path, self._allocations[fold])
+        return self._allocations[fold][f"{sparsity:g}"]
+
+
+def row_model(name: str, state: FoldedState, inner: str = "eager"
+              ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(the compiled model of a training-free row, its qsparse options): the hook for timing
+    a row's decode (compile with another ``inner`` there, e.g. ``"inductor"``)."""
+    sparsity, fold, allocated = FOLDED_ROWS[name]
+    options: dict[str, Any] = {"sparsity": sparsity}
+    if FOLDS[fold][0].get("per_layer"):
+        # the basis change between layers is a product on a buffer the compiler would
+        # otherwise sparsify like a projection: it is an exact rotation, kept dense
+        options["exclude"] = (*qc.config.DEFAULT_EXCLUDE, "*.basis_change.change")
+    if allocated:
+        options["overrides"] = dict(state.allocation(fold, sparsity)["overrides"])
+    return ct.compile_model(state.folded(fold), options, inner), options
+
+
+def _rounded(totals: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in totals.items()}
+
+
+def run_folded_row(name: str, state: FoldedState, windows: torch.Tensor, s: Settings,
+                   timer: Callable[[str, torch.nn.Module], dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    """Perplexity, activated weights and runtime multiply-adds of a training-free row."""
+    sparsity, fold, allocated = FOLDED_ROWS[name]
+    t0 = time.perf_counter()
+    compiled, options = row_model(name, state, s.inner)
+    row: dict[str, Any] = ct.evaluate(compiled, windows, s.eval_batch)
+    rot = state.rotations(fold)
+    totals = _rounded(report(compiled).totals)
+    added = rot.added_macs(state.model) + totals["rotation_macs"]
+    row.update({
+        "sparsity": sparsity, "fold": fold, "fold_metadata": rot.metadata,
+        "scale_power": rot.scale_power, "allocated": allocated, "compiled": totals,
+        # weights the sparsity skips per token, beside what the rotations add at runtime
+        "skipped_weights": totals["params"] - totals["activated_params"],
+        "added_macs": added,
+        "added_macs_detail": {"folded": 0, "layer_basis_changes": rot.added_macs(state.model),
+                              "compiled_rotations": totals["rotation_macs"]}})
+    if allocated:
+        row["allocation"] = state.allocation(fold, sparsity)
+    if timer is not None:
+        row["speed"] = timer(name, compiled)
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
 def run(s: Settings, out: Path, cal_dir: Path, command: str, resume: bool,
-        rows: Sequence[str], progress: bool = True) -> dict[str, Any]:
+        rows: Sequence[str], progress: bool = True,
+        timer: Callable[[str, torch.nn.Module], dict[str, Any]] | None = None
+        ) -> dict[str, Any]:
+    """Run ``rows`` (skipping those already logged when ``resume``); ``timer(name, compiled)``,
+    if given, times each training-free row's compiled model (its dict goes under ``speed``)."""
     set_threads(s.threads)
     log_path = out / "rotated_topk.json"
     log: dict[str, Any] = {"recipe": "rotated_topk", "status": "running", "command": command,
@@ -138,6 +295,19 @@ def run(s: Settings, out: Path, cal_dir: Path, command: str, resume: bool,
     windows = data.eval_windows(s.eval_seqs, s.eval_len)
     log["eval_tokens"] = int(windows.numel() - windows.shape[0])
     log["calibration_plays"] = "training plays only: " + ", ".join(data.split.train_plays)
+    log["settings"].update({f: getattr(s, f) for f in ("fold_seqs", "alloc_seqs", "alloc_step")})
+    write_json(log_path, log)
+    state = FoldedState(model, data.train, s, cal_dir, progress)
+    for name in rows:
+        if name in log["rows"] or name not in FOLDED_ROWS:
+            continue
+        log["rows"][name] = row = run_folded_row(name, state, windows, s, timer)
+        write_json(log_path, log)
+        print(f"{name}: ppl {row['ppl']} (loss {row['loss']}), {row['wall_s']} s", flush=True)
+    if all(name in log["rows"] for name in rows if name in ROWS):
+        log["status"] = "done"
+        write_json(log_path, log)
+        return log
     cal_path = cal_dir / f"calibration-seed{s.seed}{'-quick' if s.layers else ''}.safetensors"
     if resume and cal_path.is_file():
         cal = qc.Calibration.load(cal_path)
@@ -156,8 +326,8 @@ def run(s: Settings, out: Path, cal_dir: Path, command: str, resume: bool,
         "metadata": cal.metadata, "mean_proxy_error_uniform": summary(cal)}
     write_json(log_path, log)
     for name in rows:
-        if name in log["rows"]:
-            continue  # done in an earlier session
+        if name in log["rows"] or name not in ROWS:
+            continue  # done in an earlier session, or a training-free row
         row = run_row(name, model, cal, windows, s)
         log["rows"][name] = row
         write_json(log_path, log)
@@ -171,7 +341,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke-test settings (2 layers)")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), help="rows to run (default all)")
+    p.add_argument("--rows", nargs="+", choices=ALL_ROWS,
+                   help="rows to run (default all)")
     p.add_argument("--seed", type=int, help="calibration windows and row sample (default 0)")
     p.add_argument("--calib-seqs", type=int, help=f"calibration windows ({Settings.calib_seqs})")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
@@ -195,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if value is not None:
             setattr(s, field, value)
     return run(s, args.out, args.cal_dir, command_line("rotated_topk.py", argv), args.resume,
-               args.rows or list(ROWS), progress=not args.quiet)
+               args.rows or ALL_ROWS, progress=not args.quiet)
 
 
 if __name__ == "__main__":

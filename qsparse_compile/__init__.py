@@ -8,7 +8,10 @@ projection with top-K (straight-through for training) or block N:M; the operator
 Importing the package registers the ops and nothing heavier: neither Inductor nor Triton is
 imported until a graph is compiled, and the research tools (:mod:`.research`: scaling law,
 calibration, sparsity measurement, models and data) only when used. ``calibrate`` and
-``Calibration`` are re-exported from there on first access.
+``Calibration`` (rotations the compiler applies at runtime), ``calibrate_folded`` and
+``FoldedRotations`` (rotations folded into a model's weights before compiling it:
+``torch.compile(qc.calibrate_folded(model, batches).apply(model), backend="qsparse", ...)``)
+are re-exported from there on first access.
 """
 
 from typing import Any
@@ -37,15 +40,20 @@ __all__ = [
     "Report",
     "calibrate",
     "Calibration",
+    "calibrate_folded",
+    "FoldedRotations",
 ]
 __version__ = "0.1.0"
 
 _RESEARCH = {"calibrate": "qsparse_compile.research.calibrate",
-             "Calibration": "qsparse_compile.research.calibration"}
+             "Calibration": "qsparse_compile.research.calibration",
+             "calibrate_folded": "qsparse_compile.research.folded_rotations",
+             "FoldedRotations": "qsparse_compile.research.folded_rotations"}
 
 
 def __getattr__(name: str) -> Any:
-    """``calibrate`` / ``Calibration`` from :mod:`.research`, imported on first access."""
+    """The research re-exports (``calibrate``, ``calibrate_folded``, ...), imported on first
+    access."""
     if name in _RESEARCH:
         import importlib
 

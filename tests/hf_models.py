@@ -120,6 +120,30 @@ def token_ids(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def perturb_norms_and_biases(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Move RMSNorm weights away from ones and biases away from zero (in place), so that a
+    transform folding norm weights, or rotating biases, is not a no-op on a fresh model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for path, param in model.named_parameters():
+            if path.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
+            elif path.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits for ``ids`` (no cache, no grad)."""
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference of ``a`` from ``b`` relative to the largest ``|b|``."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 # --- mixtures of experts, and models whose head is not called lm_head -------------------------
 
 #: Experts per MoE block and experts each token reads, in the tiny MoE models.

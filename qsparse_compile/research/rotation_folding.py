@@ -22,13 +22,18 @@ Which projection inputs this rotates for free (no runtime product):
 * **q, k, v** and **gate, up**: their input is ``norm(h Q) == norm_unweighted(h) Q``; top-K
   then acts in the rotated basis, with the ``x Q`` that
   :mod:`qsparse_compile.passes.rotate` would compute at runtime already folded away.
-* **not o**: its input is the concatenation of per-head attention outputs, in no way touched by
-  the residual rotation. A per-head rotation (``head_dim`` square, folded into v's output rows
-  and o's input columns, exact because attention mixes tokens, not features) would be, but is
-  not implemented here.
+* **not o** by the residual rotation: its input is the concatenation of per-head attention
+  outputs, in no way touched by it. :func:`fold_head_rotations` rotates it instead: one
+  ``head_dim`` square rotation ``R_j`` per *kv* head, folded into v's output rows of that kv
+  head (``R_j^T W_v``, ``b_v R_j``) and into o's input columns of every q head reading it
+  (``W_o[:, h] R_j``). Exact, because attention mixes tokens, not features: a q head's
+  output is a convex combination of its kv head's value rows, so it arrives rotated by
+  ``R_j`` too (under GQA all q heads sharing a kv head share its ``R_j``).
 * **not down**: its input ``act(gate) * up`` lies behind an elementwise non-linearity, which no
   rotation commutes with; rotating it needs an online transform (a fast Walsh-Hadamard, or a
-  block-diagonal rotation). Not implemented here.
+  block-diagonal rotation). Not implemented here; :func:`fold_importance_scales` folds a
+  per-channel *scale* there instead (up's rows, down's columns), exact because the GLU's
+  product is linear in ``up``.
 
 Supported: the Llama family's layout (``model.embed_tokens``, ``model.layers[i]`` with
 ``input_layernorm`` / ``self_attn.{q,k,v,o}_proj`` / ``post_attention_layernorm`` /
@@ -49,8 +54,12 @@ from torch import nn
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "check_orthogonal",
+    "check_supported",
+    "fold_head_rotations",
+    "fold_importance_scales",
     "fold_norm_weights",
     "fold_rotation",
+    "head_layout",
     "hadamard",
     "random_orthogonal",
 ]
@@ -112,7 +121,7 @@ def check_orthogonal(q: torch.Tensor, dim: int, where: str = "rotation") -> torc
     return q64
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
     """Raise unless ``model`` is a causal LM with the Llama family's layout and RMSNorms."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -199,7 +208,7 @@ def fold_norm_weights(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     on its own the unrotated baseline whose q/k/v/gate/up inputs are the weightless norm's
     output. A tied head is untied (see the module docstring).
     """
-    _check_supported(model)
+    check_supported(model)
     folded = model if inplace else copy.deepcopy(model)
     _untie_head(folded)
     for norm, readers in _layer_groups(folded):
@@ -218,7 +227,7 @@ def fold_rotation(model: nn.Module, rotation: torch.Tensor, *, inplace: bool = F
     are ``norm_unweighted(h) @ rotation``: compiled with top-K, they are sparsified in the
     rotated basis with no runtime product. A tied head is untied.
     """
-    _check_supported(model)
+    check_supported(model)
     q = check_orthogonal(rotation, model.config.hidden_size)
     folded = fold_norm_weights(model, inplace=inplace)
     base = folded.model
@@ -234,3 +243,131 @@ def fold_rotation(model: nn.Module, rotation: torch.Tensor, *, inplace: bool = F
             if writer.bias is not None:
                 _assign(writer.bias, writer.bias.detach().double() @ qd)
     return folded
+
+
+def head_layout(model: nn.Module) -> tuple[int, int, int]:
+    """``(q_heads, kv_heads, head_dim)`` of a supported model, from its config and checked
+    against v's and o's weight shapes (v: ``[kv_heads * head_dim, D]``, o:
+    ``[D, q_heads * head_dim]``)."""
+    check_supported(model)
+    config = model.config
+    q_heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
+    attn = model.model.layers[0].self_attn
+    if (attn.v_proj.out_features != kv_heads * head_dim
+            or attn.o_proj.in_features != q_heads * head_dim or q_heads % kv_heads):
+        raise ValueError(f"head rotations: config says {q_heads} q heads, {kv_heads} kv heads "
+                         f"of dim {head_dim}, but v_proj has {attn.v_proj.out_features} outputs "
+                         f"and o_proj {attn.o_proj.in_features} inputs")
+    return q_heads, kv_heads, head_dim
+
+
+@torch.no_grad()
+def fold_head_rotations(model: nn.Module, rotations: list[torch.Tensor], *,
+                        inplace: bool = False) -> nn.Module:
+    """The model with o's input rotated per kv head, folded into v and o (no runtime product).
+
+    ``rotations[i]`` is ``[kv_heads, head_dim, head_dim]``: layer ``i``'s rotation ``R_j`` of
+    each kv head ``j`` (each orthogonal). v's output rows of kv head ``j`` become
+    ``R_j^T W_v[j]`` (its bias ``b_v[j] R_j``), o's input columns of each q head ``h`` reading
+    kv head ``j = h // (q_heads / kv_heads)`` become ``W_o[:, h] R_j``; the logits are
+    unchanged and o's top-K acts on the rotated attention output. Independent of (and
+    composable with) :func:`fold_rotation`, which touches neither v's outputs nor o's inputs.
+    """
+    q_heads, kv_heads, head_dim = head_layout(model)
+    layers = model.model.layers
+    if not isinstance(rotations, (list, tuple)) or len(rotations) != len(layers):
+        given = (len(rotations) if isinstance(rotations, (list, tuple))
+                 else type(rotations).__name__)
+        raise ValueError(f"fold_head_rotations: need one [kv_heads, head_dim, head_dim] tensor "
+                         f"per layer ({len(layers)}), got {given}")
+    checked = []
+    for i, r in enumerate(rotations):
+        where = f"fold_head_rotations: rotations[{i}]"
+        if not isinstance(r, torch.Tensor) or tuple(r.shape) != (kv_heads, head_dim, head_dim):
+            shape = list(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"{where} must be [{kv_heads}, {head_dim}, {head_dim}] "
+                             f"(kv heads, head_dim, head_dim), got {shape}")
+        checked.append(torch.stack([check_orthogonal(r[j], head_dim, f"{where}[{j}]")
+                                    for j in range(kv_heads)]))
+    folded = model if inplace else copy.deepcopy(model)
+    group = q_heads // kv_heads
+    for layer, r in zip(folded.model.layers, checked, strict=True):
+        v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
+        r = r.to(v.weight.device)
+        wv = v.weight.detach().double().reshape(kv_heads, head_dim, -1)
+        _assign(v.weight, torch.einsum("jab,jac->jbc", r, wv).reshape(v.weight.shape))
+        if v.bias is not None:
+            bv = v.bias.detach().double().reshape(kv_heads, head_dim)
+            _assign(v.bias, torch.einsum("ja,jab->jb", bv, r).reshape(v.bias.shape))
+        wo = o.weight.detach().double().reshape(o.out_features, q_heads, head_dim)
+        per_q = r.repeat_interleave(group, dim=0)  # q head h reads kv head h // group
+        _assign(o.weight, torch.einsum("ohb,hbc->ohc", wo, per_q).reshape(o.weight.shape))
+    return folded
+
+
+def _column_norms(weights: list[torch.Tensor]) -> torch.Tensor:
+    """``sqrt(sum_r ||W_r[:, j]||^2)`` over the readers of one input, float64."""
+    return torch.sqrt(sum(w.detach().double().pow(2).sum(0) for w in weights))
+
+
+def _importance(norms: torch.Tensor, power: float) -> torch.Tensor:
+    """``norms ** power`` normalised to RMS 1 (the scale is free; RMS 1 keeps magnitudes
+    where the unscaled model had them), floored so no channel's weight becomes 0."""
+    c = norms.clamp_min(norms.max() * 1e-6) ** power
+    return c / c.pow(2).mean().sqrt()
+
+
+@torch.no_grad()
+def fold_importance_scales(model: nn.Module, power: float = 1.0, *, inplace: bool = False
+                           ) -> nn.Module:
+    """The same function with each projection input scaled by its weight columns' norms, so
+    top-K's ``|x_j|`` becomes ``|x_j| * c_j``, ``c_j = (sum_r ||W_r[:, j]||^2) ** (power / 2)``
+    (``power=1``: Wanda's ``|x| ||W_col||`` importance of dropping input ``j``).
+
+    Every scale is a diagonal folded exactly where the algebra allows, with no runtime op:
+
+    * q/k/v and gate/up: the RMSNorm weight becomes ``w_j c_j`` and the readers
+      ``W diag(1 / c)`` (``n diag(w c) (W diag(1/c))^T == n diag(w) W^T``);
+    * o: v's output channel ``(kv head j, a)`` times ``c_{j,a}``, o's input columns of every
+      q head reading it divided by it (attention is linear in the values), ``c`` pooling
+      those q heads' columns;
+    * down: up's output channel times ``c_j``, down's input column divided by it
+      (``act(gate) * up`` is linear in ``up``).
+
+    Composes with :func:`fold_rotation` and :func:`fold_head_rotations` (apply it last: it
+    measures the column norms of the weights as they then are).
+    """
+    check_supported(model)
+    if not isinstance(power, (int, float)) or not 0 <= power <= 4:
+        raise ValueError(f"fold_importance_scales: power must be a number in [0, 4], "
+                         f"got {power!r}")
+    q_heads, kv_heads, head_dim = head_layout(model)
+    folded = model if inplace else copy.deepcopy(model)
+    _untie_head(folded)  # the final norm's scale reaches the head, not the embedding
+    for norm, readers in _layer_groups(folded):
+        c = _importance(_column_norms([r.weight for r in readers]), power)
+        for linear in readers:
+            _assign(linear.weight, linear.weight.detach().double() / c.unsqueeze(0))
+        _assign(norm.weight, norm.weight.detach().double() * c)
+    group = q_heads // kv_heads
+    for layer in folded.model.layers:
+        v, o, up, down = (layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.up_proj,
+                          layer.mlp.down_proj)
+        wo = o.weight.detach().double().reshape(o.out_features, kv_heads, group, head_dim)
+        c_kv = _importance(wo.pow(2).sum((0, 2)).sqrt().reshape(-1), power)  # [kv * hd]
+        _scale_rows(v, c_kv)
+        per_q = c_kv.reshape(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim)
+        _assign(o.weight, (wo / per_q).reshape(o.weight.shape))
+        c = _importance(_column_norms([down.weight]), power)
+        _scale_rows(up, c)
+        _assign(down.weight, down.weight.detach().double() / c.unsqueeze(0))
+    return folded
+
+
+def _scale_rows(linear: nn.Linear, c: torch.Tensor) -> None:
+    """Output channel ``i`` of ``linear`` times ``c_i`` (weight row and bias)."""
+    _assign(linear.weight, linear.weight.detach().double() * c.unsqueeze(1))
+    if linear.bias is not None:
+        _assign(linear.bias, linear.bias.detach().double() * c)

@@ -32,3 +32,31 @@ def test_quick_run_logs_rotated_and_allocated_rows(tmp_path):
     section = "\n".join(make_results.rotations_section(log))
     assert "| rotated top-K 50% + allocation |" in section
     assert "- 50%: the rotation **" in section and log["command"] in section
+
+
+def test_quick_run_logs_training_free_rows(tmp_path):
+    argv = ["--quick", "--quiet", "--rows", "topk50", "fold-scaled50", "loss-alloc50",
+            "fold-segments350", "--out", str(tmp_path / "logs"), "--cal-dir",
+            str(tmp_path / "cal")]
+    log = recipe.main(argv)
+    rows = log["rows"]
+    assert all(math.isfinite(r["ppl"]) for r in rows.values())
+    plain, folded, alloc = rows["topk50"], rows["fold-scaled50"], rows["loss-alloc50"]
+    # folded: the compiled model has top-K's projections and activated weights, no rotation
+    # product; the untied head adds its own (dense) weight
+    assert folded["added_macs"] == 0 and folded["compiled"]["rotation_macs"] == 0
+    assert folded["compiled"]["sparsified"] == plain["compiled"]["sparsified"]
+    a = alloc["allocation"]
+    assert 0 <= a["budget"] - a["activated"] == a["gap"]
+    # 2 layers, 2 segments of 1: one basis change, kept dense
+    seg = rows["fold-segments350"]
+    assert seg["added_macs"] == 576 * 576
+    assert seg["compiled"]["sparsified"] == plain["compiled"]["sparsified"]
+    section = "\n".join(make_results.training_free_section(log))
+    assert "| folded PCA + heads + importance scales 50% |" in section
+    # the decode timing of benchmarks/rotated_decode.py fills the speed columns
+    speed = {"median_tokens_per_s": {"fold-scaled50": 31.25, "topk50": 32.0},
+             "vs_plain_topk": {"fold-scaled50": 0.977}}
+    timed = "\n".join(make_results.training_free_section(log, speed))
+    assert "| 31.2 | 0.977 |" in timed and "| 32.0 | – |" in timed
+    assert "loss-driven allocation" in section

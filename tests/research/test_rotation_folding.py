@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import HF_MODELS, LAYERS, token_ids
+from hf_models import HF_MODELS, LAYERS, logits, perturb_norms_and_biases, relative_error, token_ids
 from op_counts import CountingBackend
 from rotated_reference import rotated_reference
 
@@ -41,26 +41,9 @@ MODELS = {
 def _build(name: str) -> torch.nn.Module:
     family, options = MODELS[name]
     model = HF_MODELS[family].build(**options)
-    # RMSNorm weights start at ones: move them away so folding them is not a no-op; biases
-    # start at zero: make them nonzero so their (non-)rotation is checked.
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for path, param in model.named_parameters():
-            if path.endswith("norm.weight"):
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
-            elif path.endswith(".bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
+    return perturb_norms_and_biases(model)
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference relative to the largest logit."""
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 ROTATIONS = {"random": lambda: random_orthogonal(HIDDEN, seed=3),
@@ -69,14 +52,14 @@ ROTATIONS = {"random": lambda: random_orthogonal(HIDDEN, seed=3),
 
 @pytest.mark.parametrize("rotation", sorted(ROTATIONS))
 @pytest.mark.parametrize("name", list(MODELS))
-def test_folded_model_has_the_original_logits(name, rotation):
+def test_folded_model_has_the_originallogits(name, rotation):
     model = _build(name)
     ids = token_ids()
-    before = _logits(model, ids)
+    before = logits(model, ids)
     folded = fold_rotation(model, ROTATIONS[rotation]())
-    assert _relative(_logits(folded, ids), before) <= 1e-4
+    assert relative_error(logits(folded, ids), before) <= 1e-4
     # the original is untouched (a deep copy was folded), the folded norms are weightless
-    assert torch.equal(_logits(model, ids), before)
+    assert torch.equal(logits(model, ids), before)
     for path, param in folded.named_parameters():
         if path.endswith("norm.weight"):
             assert torch.equal(param, torch.ones_like(param)), path
@@ -97,10 +80,10 @@ def test_tied_head_is_untied_and_the_original_stays_tied():
 def test_norm_fold_alone_keeps_the_logits_and_inplace_returns_the_model():
     model = _build("qwen2")
     ids = token_ids()
-    before = _logits(model, ids)
+    before = logits(model, ids)
     folded = fold_norm_weights(model, inplace=True)
     assert folded is model
-    assert _relative(_logits(model, ids), before) <= 1e-5
+    assert relative_error(logits(model, ids), before) <= 1e-5
 
 
 def _reader_rotations(model: torch.nn.Module, q: torch.Tensor) -> Rotations:
@@ -123,7 +106,7 @@ def test_compiled_folded_model_equals_the_explicitly_rotated_reference(name):
     ids = token_ids()
     compiled = torch.compile(folded, backend="qsparse",
                              options={"sparsity": sparsity, "inner": "eager"})
-    out = _logits(compiled, ids)
+    out = logits(compiled, ids)
     # Reference: norm weights folded (so q/k/v/gate/up read the weightless norm's output n),
     # residual not rotated, and ``sparsify(n Q) (W Q)^T + b`` computed explicitly there.
     normed = fold_norm_weights(model)
@@ -147,7 +130,7 @@ def test_folding_adds_no_runtime_op():
     for candidate in (model, folded):
         torch._dynamo.reset()
         backend = CountingBackend({"sparsity": 0.4})
-        _logits(torch.compile(candidate, backend=backend, fullgraph=True, dynamic=False), ids)
+        logits(torch.compile(candidate, backend=backend, fullgraph=True, dynamic=False), ids)
         counts.append((backend.before, backend.after, backend.results[0].rotations))
     assert counts[0] == counts[1]
     assert counts[1][1][0]["norm_sparsify"] == 2 * LAYERS and counts[1][2] == []
