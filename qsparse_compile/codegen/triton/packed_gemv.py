@@ -57,7 +57,6 @@ __all__ = [
     "packed_gemv_reference",
     "packed_layout",
     "prepare_packed_weight",
-    "used_row_bytes",
 ]
 
 _OP = "qsparse_triton.packed_gemv"
@@ -89,11 +88,6 @@ def _floor_pow2(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def used_row_bytes(layout: PackedLayout) -> int:
-    """Bytes of a (panel-major) row of codes that hold real columns: whole chunks up to the
-    last column; the padding past them needs no program."""
-    return layout.used_row_bytes
-
 
 def packed_gemv_config(
     fmt: str, k: int, n: int, tokens: int, num_sms: int = DEFAULT_SMS, *,
@@ -118,7 +112,7 @@ def packed_gemv_config(
     """
     layout = packed_layout(fmt, k, n)
     per, tb = codes_per_byte(fmt), next_pow2(tokens)
-    used = used_row_bytes(layout)
+    used = layout.used_row_bytes
     fitting = _floor_pow2(ACC_ELEMENTS // (tb * MIN_BLOCK_K * per))
     bb = block_bytes or min(ROW_RUN_BYTES, max(CHUNK_BYTES, fitting),
                             max(CHUNK_BYTES, next_pow2(used)))

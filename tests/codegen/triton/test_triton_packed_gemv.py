@@ -248,7 +248,7 @@ def test_config_for_llama_shapes():
                 assert cfg.block_k >= pg.MIN_BLOCK_K
                 assert fmt != "int4" or 32 % cfg.block_k == 0
                 layout = pg.packed_layout(fmt, k, n)
-                assert cfg.programs * cfg.block_bytes >= pg.used_row_bytes(layout)
+                assert cfg.programs * cfg.block_bytes >= layout.used_row_bytes
                 assert cfg.programs * cfg.splits >= 132, (fmt, k, n, tokens, cfg)
 
 
