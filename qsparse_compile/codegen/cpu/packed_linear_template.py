@@ -7,7 +7,11 @@ ternary codes, K-major, 8-byte chunks):
 1. **Select**, rescale, (int8-quantize) and unite the rows' kept features: :mod:`.select_c`.
 2. **Sparse GEMV**: each kept feature reads one contiguous row of codes; a feature no row kept
    is never read. Codes are widened to fp32 in registers (int8: sign-extend; int4: a mask and a
-   shift of one zero-extended load; ternary: two-bit fields minus one) and accumulated in fp32.
+   shift of one zero-extended load; ternary: two-bit fields minus one) and accumulated in fp32:
+   eight columns per vector, or sixteen where the host has AVX-512 (int8, int4: two chunks per
+   step, regrouped into natural column order, so the accumulators are the same). A sweep folds
+   up to ``rows_per_pass`` kept rows while prefetching the next sweep's; a remainder of fewer
+   rows is folded in one sweep of that many (a compile-time count, kept in registers).
    The scales are applied where they factor out of the sum: int8 and ternary scale whole
    columns, so ``y = s * sum_k x_k q_k`` (once per column, at the end); int4 scales a column
    per group of 32 features, so each group's codes are summed first and folded in as
@@ -147,6 +151,32 @@ static inline __m256 chunk_vec(const uint8_t* src, int v) {
 }
 #endif
 
+/* AVX-512 (int8, int4): two chunks (16 bytes of codes) per step, 16 columns per vector, the
+ * columns in their natural order, so the accumulator tile is the same as the AVX2 path's. */
+#if QS_SIMD && defined(__AVX512F__) && FMT != FMT_TERNARY
+#define QS_WIDE 1
+/* Columns one step of two chunks covers. */
+#define WIDE_COLS (2 * CHUNK)
+#define WIDE_VECS (WIDE_COLS / 16)
+/* The 16-byte step at src as WIDE_VECS vectors of 16 columns. */
+static inline void wide_vecs(const uint8_t* src, __m512* w) {
+    const __m128i raw = _mm_loadu_si128((const __m128i*)src);
+#if FMT == FMT_INT8
+    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+#else
+    /* chunk c's low nibbles are its columns 0-7, its high nibbles 8-15: regroup the two
+     * chunks' halves into columns 0-15 and 16-31 */
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(raw, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(lo, hi)));
+    w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(lo, hi)));
+#endif
+}
+#else
+#define QS_WIDE 0
+#endif
+
 /* ---- sparse GEMV ------------------------------------------------------------------------- */
 
 /* Fold nr rows of one panel's codes into acc[ROWS][PANEL_COLS], columns [0, cols) (a multiple
@@ -166,10 +196,35 @@ static inline __attribute__((always_inline)) void fold_rows(
     (void)nr_next;
 #endif
 #if QS_SIMD
+    int64_t j0 = 0;
+#if QS_WIDE
+    {
+        __m512 xw[ROWS_PER_PASS * ROWS];
+        for (int r = 0; r < nr; ++r)
+            for (int t = 0; t < ROWS; ++t) xw[r * ROWS + t] = _mm512_set1_ps(vals[r * ROWS + t]);
+        for (; j0 + WIDE_COLS <= cols; j0 += WIDE_COLS) {
+            const int64_t byte = j0 / CHUNK * 8;
+#if PREFETCH
+            if (byte % 64 == 0)
+                for (int r = 0; r < nr_next; ++r) _mm_prefetch((const char*)(pre[r] + byte),
+                                                              _MM_HINT_T0);
+#endif
+            __m512 wv[ROWS_PER_PASS][WIDE_VECS];
+            for (int r = 0; r < nr; ++r) wide_vecs(src[r] + byte, wv[r]);
+            for (int t = 0; t < ROWS; ++t)
+                for (int v = 0; v < WIDE_VECS; ++v) {
+                    float* a_ptr = acc + t * TILE_COLS + j0 + 16 * v;
+                    __m512 a = _mm512_load_ps(a_ptr);
+                    for (int r = 0; r < nr; ++r) a = _mm512_fmadd_ps(xw[r * ROWS + t], wv[r][v], a);
+                    _mm512_store_ps(a_ptr, a);
+                }
+        }
+    }
+#endif
     __m256 xv[ROWS_PER_PASS * ROWS];
     for (int r = 0; r < nr; ++r)
         for (int t = 0; t < ROWS; ++t) xv[r * ROWS + t] = _mm256_set1_ps(vals[r * ROWS + t]);
-    for (int64_t j = 0; j < cols; j += CHUNK) {
+    for (int64_t j = j0; j < cols; j += CHUNK) {
         const int64_t byte = j / CHUNK * 8;
 #if PREFETCH
         if (byte % 64 == 0)
@@ -196,17 +251,27 @@ static inline __attribute__((always_inline)) void fold_rows(
 #endif
 }
 
-/* Kept rows [i0, i1) of one panel into acc, in sweeps of ROWS_PER_PASS. */
+/* Kept rows [i0, i1) of one panel into acc, in sweeps of ROWS_PER_PASS; each sweep prefetches
+ * the rows of the next, up to row iend (int4 folds a group at a time: the next group's first
+ * rows are fetched while this group's last sweep runs, not after it). */
 static inline void fold_range(float* acc, const int32_t* rows, const float* vals, int64_t i0,
-                              int64_t i1, const uint8_t* panel, int64_t cols) {
+                              int64_t i1, int64_t iend, const uint8_t* panel, int64_t cols) {
     int64_t i = i0;
     for (; i + ROWS_PER_PASS <= i1; i += ROWS_PER_PASS) {
-        const int64_t left = i1 - (i + ROWS_PER_PASS);
+        const int64_t left = iend - (i + ROWS_PER_PASS);
         const int nr_next = left < ROWS_PER_PASS ? (int)left : ROWS_PER_PASS;
         fold_rows(acc, rows + i, vals + i * ROWS, ROWS_PER_PASS, rows + i + ROWS_PER_PASS,
                   nr_next, panel, cols);
     }
-    for (; i < i1; ++i) fold_rows(acc, rows + i, vals + i * ROWS, 1, rows, 0, panel, cols);
+    const int64_t after = iend - i1;
+    const int nr_after = after < ROWS_PER_PASS ? (int)after : ROWS_PER_PASS;
+    /* the last < ROWS_PER_PASS rows in one sweep, its row count a constant per case so that
+     * the inlined fold keeps them in registers (int4 folds each group's rows apart: one row
+     * at a time, a group's remainder would cost a load and a store per multiply-add) */
+    switch ((int)(i1 - i)) {
+${tail_cases}
+    default: break;
+    }
 }
 
 #if FMT == FMT_INT4
@@ -239,6 +304,19 @@ static inline void fold_group(float* restrict acc, const float* restrict gacc,
                               const uint16_t* restrict d, const uint16_t* restrict m,
                               const float* restrict xsum, const int64_t cols) {
     int64_t j = 0;
+#if QS_WIDE
+    for (; j + 16 <= cols; j += 16) {
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + j)));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(m + j)));
+        for (int t = 0; t < ROWS; ++t) {
+            float* a_ptr = acc + t * TILE_COLS + j;
+            __m512 a = _mm512_load_ps(a_ptr);
+            a = _mm512_fmadd_ps(dv, _mm512_load_ps(gacc + t * TILE_COLS + j), a);
+            a = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[t]), a);
+            _mm512_store_ps(a_ptr, a);
+        }
+    }
+#endif
 #if QS_F16C
     for (; j + 8 <= cols; j += 8) {
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + j)));
@@ -290,11 +368,11 @@ static void gemv_share(const int32_t* rows, const float* vals, int64_t i0, int64
             if (gstart[g] == gstart[g + 1]) continue;  /* no row kept a feature of it */
             for (int t = 0; t < ROWS; ++t)
                 memset(gacc + t * TILE_COLS, 0, sizeof(float) * (size_t)cols);
-            fold_range(gacc, rows, vals, gstart[g], gstart[g + 1], panel, cols);
+            fold_range(gacc, rows, vals, gstart[g], gstart[g + 1], gstart[g1], panel, cols);
             fold_group(acc, gacc, dq + g * Np + c0, mq + g * Np + c0, xsum + g * ROWS, cols);
         }
 #else
-        fold_range(acc, rows, vals, i0, i1, panel, cols);
+        fold_range(acc, rows, vals, i0, i1, i1, panel, cols);
 #endif
         for (int t = 0; t < ROWS; ++t) memcpy(part + t * Np + c0, acc + t * TILE_COLS,
                                               sizeof(float) * (size_t)cols);
@@ -426,4 +504,7 @@ def render(spec: PackedLinearSpec) -> str:
         panel_cols=PANEL_ROW_BYTES * FORMATS[spec.format] // 8,
         prefetch=int(spec.prefetch),
         elem_is_bf16=int(spec.dtype == torch.bfloat16),
+        tail_cases="\n".join(
+            f"    case {r}: fold_rows(acc, rows + i, vals + i * ROWS, {r}, rows + i1, nr_after, "
+            "panel, cols); break;" for r in range(1, spec.rows_per_pass)),
     )

@@ -221,3 +221,50 @@ def test_bad_operands_name_what_was_given():
     with pytest.raises(RuntimeError, match="inference-only"):
         cpu_packed_linear(x.requires_grad_(), 20, 0, 0, False, False, "int4", 24, packed, None,
                           MAX_ROWS)
+
+
+def _avx512_host() -> bool:
+    from qsparse_compile.codegen.cpu.compiler import host_fingerprint
+
+    return " avx512f " in f" {host_fingerprint()} "
+
+
+@pytest.mark.skipif(not _avx512_host(), reason="the host has no AVX-512")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_avx512_path_equals_the_avx2_path_bitwise(fmt, rows):
+    """The 16-column AVX-512 steps fold the same products in the same order as the 8-column
+    AVX2 steps: one source built with and without AVX-512 gives the same bits, on shapes with
+    a narrow last step (int4 panels of 1024 columns and a 16-column tail; group remainders
+    of every size)."""
+    import ctypes
+
+    from qsparse_compile.codegen.cpu import packed_linear_op
+    from qsparse_compile.codegen.cpu.compiler import BASE_FLAGS, OPENMP_FLAGS, build_library
+    from qsparse_compile.codegen.cpu.packed_linear_template import PackedLinearSpec, render
+
+    spec = PackedLinearSpec(torch.float32, fmt, rows)
+    source = render(spec)
+    kernels = []
+    for extra in ((), ("-mno-avx512f",)):
+        lib = ctypes.CDLL(str(build_library(spec.name, source, BASE_FLAGS + OPENMP_FLAGS
+                                            + extra)))
+        fn = getattr(lib, spec.name)
+        fn.argtypes, fn.restype = packed_linear_op._ARGTYPES, ctypes.c_int64
+        kernels.append(fn)
+    g = torch.Generator().manual_seed(7)
+    for D, N, k in [(96, 1040, 29), (200, 1072, 101), (64, 24, 64)]:
+        layout = packed_layout(fmt, D, N)
+        packed = prepare_packed_weight([torch.randn(N, D, generator=g)], fmt)
+        x = torch.randn(rows, D, generator=g)
+        ref = packed_linear_reference(x, k, 0, 0, False, False, fmt, N, packed, None)
+        for threads in (1, 2):  # (the threads' partial sums are added in another order)
+            outs = []
+            for fn in kernels:
+                y = torch.empty(rows, N)
+                assert fn(x.data_ptr(), x.stride(0), 1, D, k, 0, 0, 0, 0, packed.data_ptr(),
+                          layout.panel_bytes, layout.scale_offset, layout.min_offset, N,
+                          layout.padded_out, None, y.data_ptr(), N, threads) >= 0
+                outs.append(y)
+            assert torch.equal(outs[0], outs[1]), (D, N, k, threads)
+            torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)
