@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         bad = [i for i, e in enumerate(err) if e > args.threshold]
         if record["first"] is not None or not bad:
             continue
-        layer = bad[0] - 1  # hidden_states[i] is layer i-1's output
+        layer = bad[0] - 1  # hidden_states[i] is layer i-1's output (the last after the norm)
+        if layer < 0:  # the embedding itself: nothing is selected before it
+            print("  first jump: the embedding output (no selection before it)")
+            record["first"] = {"step": step, "layer": None}
+            continue
         norm = model.model.layers[layer].input_layernorm
         D = r.shape[1]
         k = topk_count(D, args.sparsity)

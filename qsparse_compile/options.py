@@ -25,8 +25,10 @@ Backend options:
   object) sets it too.
 * ``cpp_wrapper``: Inductor emits the graph's wrapper (the code that allocates buffers and
   calls each kernel) as C++ instead of Python (Inductor's ``cpp_wrapper``; default False).
-  It removes most of the Python cost per kernel call, which a decode step of small kernels
-  spends much of its time in, for a longer first compile. Needs ``inner="inductor"``.
+  It removes the Python cost of calling Inductor's own kernels, which a decode step of small
+  kernels spends much of its time in, for a longer first compile (this package's CPU decode
+  ops are still Python implementations, called through the dispatcher). Needs
+  ``inner="inductor"``.
 """
 
 from __future__ import annotations

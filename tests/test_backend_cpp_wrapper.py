@@ -75,16 +75,18 @@ def test_option_reaches_inductor_only_when_set(inductor_calls):
     assert all(c["emulate_precision_casts"] is True for c in inductor_calls)
 
 
-def test_real_compile_equals_the_python_wrapper():
-    """One decode token and a few prompt rows, compiled for real with each wrapper: the C++
-    wrapper calls the fused decode op and gives the Python wrapper's numbers."""
+@pytest.mark.parametrize("weights", [None, "int4"], ids=["fp32", "int4"])
+def test_real_compile_equals_the_python_wrapper(weights):
+    """One decode token, compiled for real with each wrapper: the C++ wrapper calls the fused
+    decode op (over fp32 or packed int4 weights) and gives the Python wrapper's numbers."""
     model, x = _Block(), torch.randn(1, 1, 64)
     outs = {}
     with torch.no_grad():
         for cpp in (False, True):
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="qsparse", dynamic=False,
-                                     options={"sparsity": 0.5, "cpp_wrapper": cpp})
+                                     options={"sparsity": 0.5, "cpp_wrapper": cpp,
+                                              "weights": weights})
             outs[cpp] = compiled(x)
             assert records_of(compiled).graphs[0].decode == 2  # gate/up and down, fused
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
