@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -65,6 +64,7 @@ from typing import Any
 
 import torch
 from _machine import cpu_model, others_busy_cpus, read_bandwidth
+from _records import write_json
 
 from qsparse_compile.codegen.cpu.machine import CacheFlusher
 from qsparse_compile.codegen.cpu.packed_weights import PackedLayout
@@ -429,9 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in goal_report(results, shapes):
         print(line)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"meta": meta, "results": results})
     return 0
 
 

@@ -22,11 +22,11 @@ the q/k/v input (o, gate/up and down inputs are not reached here), needs another
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
+from _records import write_json
 from smollm2_decode import prompt_ids
 
 from qsparse_compile import reference
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if record["first"] is None:
         print(f"no layer output differs by more than {args.threshold:.0e} in {args.steps} steps")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0
 
 

@@ -32,7 +32,6 @@ Needs a CUDA device (and Triton); without one it exits with a message saying so.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _records import write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features)
@@ -219,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                         _print_row(row)
                         results.append(row)
     if args.json is not None:
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"meta": meta, "results": results})
     return 0
 
 

@@ -18,7 +18,6 @@ multiply-adds the rotations add per token (the row's ``added_macs``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 from _machine import cpu_model, others_busy_cpus
+from _records import write_json
 from smollm2_decode import GreedyDecoder, prompt_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_stable": not unstable, "rounds_with_other_tokens": unstable,
             "tokens": {n: t.tolist() for n, t in tokens.items()},
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0
 
 

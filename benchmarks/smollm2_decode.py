@@ -44,7 +44,6 @@ graph and the tokens of every round are compared with the warm-up's and the refe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -53,6 +52,7 @@ from pathlib import Path
 
 import torch
 from _machine import cpu_model, others_busy_cpus, read_bandwidth
+from _records import write_json
 
 from qsparse_compile.codegen.cpu.packed_weights import PackedLayout
 from qsparse_compile.compile_records import records_of
@@ -389,9 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile_s": compile_s, "decode_groups": decode_groups,
             "tokens": {name: t.tolist() for name, t in tokens.items()},
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0
 
 

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -72,6 +71,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _records import write_json
 
 import qsparse_compile  # noqa: F401  (registers the qsparse ops and backend)
 
@@ -338,9 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "tokens": tokens, "inner": args.inner, "docs_windows": docs,
                   "docs_dense_ppl": DOCS_DENSE_PPL if docs else None,
                   "format_weight_error": errors, "rows": rows}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0
 
 
