@@ -215,10 +215,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, options: Compi
         from .passes.post_grad import triton_post_grad_pass
 
         patches["post_grad_custom_post_pass"] = triton_post_grad_pass()
-    if options.cudagraphs:
-        patches["triton.cudagraphs"] = True
-    if options.cpp_wrapper:
-        patches["cpp_wrapper"] = True
+    patches.update(options.inductor_patches())
     return wrap(constants.bind(compile_fx(graph, inputs, config_patches=patches)))
 
 

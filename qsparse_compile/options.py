@@ -40,12 +40,19 @@ from typing import Any
 
 from .config import OPTION_NAMES, QSparseConfig
 
-__all__ = ["BACKEND_OPTIONS", "INNER_COMPILERS", "KERNEL_CHOICES", "CompileOptions"]
+__all__ = ["BACKEND_OPTIONS", "INDUCTOR_FLAGS", "INNER_COMPILERS", "KERNEL_CHOICES",
+           "CompileOptions"]
 
 INNER_COMPILERS = ("inductor", "eager")
 KERNEL_CHOICES = ("auto", "triton", "aten")
 BACKEND_OPTIONS = ("inner", "fuse", "decode", "kernels", "calibration", "cudagraphs",
                    "cpp_wrapper")
+#: Backend flags that are Inductor settings: each one's ``config_patches`` key, and what the
+#: setting is (for the message when ``inner`` is not Inductor).
+INDUCTOR_FLAGS = {
+    "cudagraphs": ("triton.cudagraphs", "CUDA graphs are captured by Inductor"),
+    "cpp_wrapper": ("cpp_wrapper", "the C++ wrapper is Inductor's"),
+}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -93,14 +100,14 @@ class CompileOptions:
         _flag("decode", self.decode)
         _choice("kernels", self.kernels, KERNEL_CHOICES)
         _calibration(self.calibration)
-        _flag("cudagraphs", self.cudagraphs)
-        if self.cudagraphs and self.inner != "inductor":
-            raise ValueError(f"option 'cudagraphs': CUDA graphs are captured by Inductor, so "
-                             f"they need inner='inductor', got inner={self.inner!r}")
-        _flag("cpp_wrapper", self.cpp_wrapper)
-        if self.cpp_wrapper and self.inner != "inductor":
-            raise ValueError(f"option 'cpp_wrapper': the C++ wrapper is Inductor's, so it "
-                             f"needs inner='inductor', got inner={self.inner!r}")
+        for name, (_, what) in INDUCTOR_FLAGS.items():
+            if _flag(name, getattr(self, name)) and self.inner != "inductor":
+                raise ValueError(f"option {name!r}: {what}, so it needs inner='inductor', "
+                                 f"got inner={self.inner!r}")
+
+    def inductor_patches(self) -> dict[str, bool]:
+        """Inductor's ``config_patches`` for the Inductor flags that are on."""
+        return {key: True for name, (key, _) in INDUCTOR_FLAGS.items() if getattr(self, name)}
 
     @classmethod
     def parse(cls, options: CompileOptions | QSparseConfig | Mapping[str, Any] | None = None,

@@ -1,9 +1,10 @@
 """Inductor's C++ wrapper through the backend (``cpp_wrapper=True``).
 
-The option is validated like the others, reaches Inductor as ``cpp_wrapper`` in the
-``config_patches`` of that graph's ``compile_fx`` call (and only then), and a real compile of a
-decode graph, whose fused selection + sparse GEMV ops are this package's own (called from the
-C++ wrapper through the dispatcher), gives the same numbers as the Python wrapper.
+The option is validated like the other Inductor flags (``tests/test_options.py``), reaches
+Inductor as ``cpp_wrapper`` in the ``config_patches`` of that graph's ``compile_fx`` call (and
+only then), and a real compile of a decode graph, whose fused selection + sparse GEMV ops are
+this package's own (called from the C++ wrapper through the dispatcher), gives the same numbers
+as the Python wrapper.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._inductor.compile_fx as inductor_compile_fx
-from assertions import raises_naming
 
 from qsparse_compile import Backend
 from qsparse_compile.compile_records import records_of
-from qsparse_compile.options import CompileOptions
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -34,23 +33,6 @@ class _Block(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
-
-
-def test_default_off_and_round_trip():
-    assert CompileOptions.parse({"sparsity": 0.4}).cpp_wrapper is False
-    on = CompileOptions.parse({"sparsity": 0.4, "cpp_wrapper": True})
-    assert on.cpp_wrapper is True and CompileOptions.parse(on.to_dict()) == on
-
-
-@pytest.mark.parametrize("value", [1, "yes", None])
-def test_bad_type_names_the_option(value):
-    with raises_naming(TypeError, "'cpp_wrapper'", "True or False", repr(value)):
-        CompileOptions.parse({"cpp_wrapper": value})
-
-
-def test_eager_inner_refused():
-    with raises_naming(ValueError, "'cpp_wrapper'", "Inductor", "inner='eager'"):
-        CompileOptions.parse({"cpp_wrapper": True, "inner": "eager"})
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from devices import selected_device
 from hf_models import HF_MODELS, token_ids
 
 from qsparse_compile import Backend
-from qsparse_compile.options import CompileOptions
 from qsparse_compile.passes import cpu_decode
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -38,27 +37,7 @@ class _Tiny(torch.nn.Module):
         return self.down(torch.relu(self.up(self.norm(x))))
 
 
-# --- the option ------------------------------------------------------------------------------
-
-def test_default_off_and_round_trip():
-    options = CompileOptions.parse({"sparsity": 0.4})
-    assert options.cudagraphs is False
-    on = CompileOptions.parse({"sparsity": 0.4, "cudagraphs": True})
-    assert on.cudagraphs is True and CompileOptions.parse(on.to_dict()) == on
-
-
-@pytest.mark.parametrize("value", [1, "yes", None])
-def test_bad_type_names_the_option(value):
-    with raises_naming(TypeError, "'cudagraphs'", "True or False", repr(value)):
-        CompileOptions.parse({"cudagraphs": value})
-
-
-def test_eager_inner_refused():
-    with raises_naming(ValueError, "'cudagraphs'", "Inductor", "inner='eager'"):
-        CompileOptions.parse({"cudagraphs": True, "inner": "eager"})
-    with raises_naming(ValueError, "'cudagraphs'", "inner='eager'"):
-        Backend(sparsity=0.5, inner="eager", cudagraphs=True)
-
+# --- the option (its validation, with the other Inductor flags: tests/test_options.py) -------
 
 # --- it reaches Inductor ---------------------------------------------------------------------
 

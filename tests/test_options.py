@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from assertions import raises_naming
 
+from qsparse_compile import Backend
 from qsparse_compile.config import OPTION_NAMES, QSparseConfig
-from qsparse_compile.options import BACKEND_OPTIONS, CompileOptions
+from qsparse_compile.options import BACKEND_OPTIONS, INDUCTOR_FLAGS, CompileOptions
 
 
 def test_defaults_and_round_trip():
@@ -45,3 +46,27 @@ def test_bad_values_name_option_value_and_allowed(options, exc, parts):
 def test_options_must_be_a_mapping():
     with raises_naming(TypeError, "dict", "list"):
         CompileOptions.parse([("sparsity", 0.5)])
+
+
+@pytest.mark.parametrize("flag", list(INDUCTOR_FLAGS))
+def test_inductor_flags_default_off_and_round_trip(flag):
+    options = CompileOptions.parse({"sparsity": 0.4})
+    assert getattr(options, flag) is False and options.inductor_patches() == {}
+    on = CompileOptions.parse({"sparsity": 0.4, flag: True})
+    assert getattr(on, flag) is True and CompileOptions.parse(on.to_dict()) == on
+    assert on.inductor_patches() == {INDUCTOR_FLAGS[flag][0]: True}
+
+
+@pytest.mark.parametrize("flag", list(INDUCTOR_FLAGS))
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_inductor_flag_bad_type_names_the_option(flag, value):
+    with raises_naming(TypeError, repr(flag), "True or False", repr(value)):
+        CompileOptions.parse({flag: value})
+
+
+@pytest.mark.parametrize("flag", list(INDUCTOR_FLAGS))
+def test_inductor_flag_with_eager_inner_refused(flag):
+    with raises_naming(ValueError, repr(flag), "Inductor", "inner='eager'"):
+        CompileOptions.parse({flag: True, "inner": "eager"})
+    with raises_naming(ValueError, repr(flag), "inner='eager'"):
+        Backend(sparsity=0.5, inner="eager", **{flag: True})
