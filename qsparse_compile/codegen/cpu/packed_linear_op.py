@@ -74,12 +74,9 @@ def _kernel(spec: PackedLinearSpec) -> Callable[..., int]:
     return load_entry_point(spec.name, render(spec), _ARGTYPES)
 
 
-#: (format, dtype, rows) -> entry point, (format, D, N) -> layout and the kernel arguments it
-#: gives (panel bytes, scale and minimum offsets, padded columns): one look-up per call, as
-#: the layout's properties cost microseconds in a decode step of a hundred calls.
+#: (format, dtype, rows) -> entry point, (format, D, N) -> layout: one look-up per call.
 _KERNELS: dict[tuple[str, torch.dtype, int], Callable[..., int]] = {}
 _LAYOUTS: dict[tuple[str, int, int], PackedLayout] = {}
-_LAYOUT_ARGS: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
 _VALIDATED: set[tuple] = set()
 
 
@@ -221,12 +218,8 @@ def packed_linear(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, quant:
         _VALIDATED.add(signature)
     if not 0 < rows <= max_sparse_rows:
         return _fallback(x, k, n, m, rescale, quant, fmt, out_features, packed, bias)
-    layout_args = _LAYOUT_ARGS.get((fmt, D, out_features))
-    if layout_args is None:
-        layout = _LAYOUTS[(fmt, D, out_features)]
-        layout_args = _LAYOUT_ARGS[(fmt, D, out_features)] = (
-            layout.panel_bytes, layout.scale_offset, layout.min_offset, layout.padded_out)
-    panel_bytes, scale_offset, min_offset, padded_out = layout_args
+    panel_bytes, scale_offset, min_offset, padded_out = \
+        _LAYOUTS[(fmt, D, out_features)].kernel_offsets
     out = x.new_empty(x.shape[:-1] + (out_features,))
     if rows == 1:
         stride_t, stride_k = 0, x.stride(-1)

@@ -37,6 +37,7 @@ reference the kernel is tested against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -122,6 +123,12 @@ class PackedLayout:
         padding beyond them is neither read nor computed)."""
         chunk = FORMATS[self.format]
         return -(-self.out_features // chunk) * chunk
+
+    @functools.cached_property
+    def kernel_offsets(self) -> tuple[int, int, int, int]:
+        """``(panel_bytes, scale_offset, min_offset, padded_out)``, what the kernels take,
+        computed once: read on every decode call, the properties would cost microseconds."""
+        return self.panel_bytes, self.scale_offset, self.min_offset, self.padded_out
 
     @property
     def used_row_bytes(self) -> int:
