@@ -21,9 +21,15 @@ measured loss), :data:`FOLDED_ROWS`:
 * ``fold-layers``: one PCA rotation per layer (+ heads, scales); the stream changes basis
   between layers, a ``D x D`` product per boundary at runtime (counted in ``added_macs``);
 * ``fold-segments3``: the same with 3 segments of 10 layers sharing a rotation: 2 changes;
+* ``fold-layers-plain``: ``fold-layers`` without the importance scales;
+* ``fold-layers64`` / ``fold-layers64-plain``: ``fold-layers`` (-``plain``) calibrated on
+  64 windows instead of ``Settings.fold_seqs``;
+* ``fold-layers-down-pca`` / ``fold-layers-down-hadamard``: ``fold-layers`` plus an online
+  block-diagonal rotation of the down input (PCA of each block of 64 features, or one
+  Hadamard block of 512 repeated), the importance scales folded into it;
 * ``loss-alloc``: per-role sparsities (q/k/v, o, gate/up, down) by TEAL's greedy on the
   measured loss of held-out calibration windows, at the activated budget of uniform top-K;
-* ``fold-loss-alloc``: ``fold-scaled`` with the loss-driven allocation (measured on it).
+* ``fold-loss-alloc``: ``fold-layers64-plain`` with the loss-driven allocation (measured on it).
 
 Every folded row is the folded model compiled by ``backend="qsparse"`` with plain options, so
 the decode fast paths run the folded weights; :func:`row_model` builds it for timing
@@ -76,7 +82,8 @@ ROWS: dict[str, tuple[float, bool, bool]] = {
     "alloc50": (0.5, False, True),
 }
 
-#: Folding variants: keyword arguments of calibrate_folded, and the importance-scale power.
+#: Folding variants: keyword arguments of calibrate_folded (and ``windows``: calibration
+#: windows, default ``Settings.fold_seqs``), and the importance-scale power.
 FOLDS: dict[str, tuple[dict[str, Any], float | None]] = {
     "none": ({"residual": None, "heads": None}, None),
     "pca": ({"residual": "pca", "heads": None}, None),
@@ -85,15 +92,27 @@ FOLDS: dict[str, tuple[dict[str, Any], float | None]] = {
     "hadamard": ({"residual": "hadamard", "heads": "hadamard"}, None),
     "layers": ({"residual": "pca", "per_layer": True, "heads": "pca"}, 1.0),
     "segments3": ({"residual": "pca", "per_layer": True, "segments": 3, "heads": "pca"}, 1.0),
+    "layers-plain": ({"residual": "pca", "per_layer": True, "heads": "pca"}, None),
+    "layers64": ({"residual": "pca", "per_layer": True, "heads": "pca", "windows": 64}, 1.0),
+    "layers64-plain": ({"residual": "pca", "per_layer": True, "heads": "pca", "windows": 64},
+                       None),
+    "layers-down-pca": ({"residual": "pca", "per_layer": True, "heads": "pca", "down": "pca",
+                         "down_block": 64}, 1.0),
+    "layers-down-hadamard": ({"residual": "pca", "per_layer": True, "heads": "pca",
+                              "down": "hadamard", "down_block": 512}, 1.0),
 }
 
 #: Training-free rows: (sparsity, fold variant, loss-driven allocation).
 FOLDED_ROWS: dict[str, tuple[float, str, bool]] = {
     **{f"{name}{p}": (p / 100, fold, alloc) for p in (40, 50) for name, fold, alloc in (
         ("fold-scaled", "scaled", False), ("loss-alloc", "none", True),
-        ("fold-loss-alloc", "scaled", True), ("fold-pca", "pca", False),
+        ("fold-loss-alloc", "layers64-plain", True), ("fold-pca", "pca", False),
         ("fold-pca-heads", "pca-heads", False), ("fold-hadamard", "hadamard", False),
-        ("fold-layers", "layers", False), ("fold-segments3", "segments3", False))},
+        ("fold-layers", "layers", False), ("fold-segments3", "segments3", False),
+        ("fold-layers-plain", "layers-plain", False),
+        ("fold-layers64", "layers64", False), ("fold-layers64-plain", "layers64-plain", False),
+        ("fold-layers-down-pca", "layers-down-pca", False),
+        ("fold-layers-down-hadamard", "layers-down-hadamard", False))},
 }
 ALL_ROWS = [*ROWS, *FOLDED_ROWS]
 
@@ -114,7 +133,7 @@ class Settings:
     layers: int | None = None  # keep the first n decoder layers (smoke tests)
     train_chars: int | None = None  # tokenize only the start of the training plays (smoke)
     fold_seqs: int = 16  # calibration windows of the folded rotations (training plays)
-    alloc_seqs: int = 1  # held-out calibration windows whose loss drives the allocation
+    alloc_seqs: int = 4  # held-out calibration windows whose loss drives the allocation
     alloc_step: float = 0.1  # sparsity added to one role group per greedy step
 
 
@@ -193,12 +212,17 @@ class FoldedState:
                     kwargs = {**kwargs, "segments": min(kwargs["segments"],
                                                         len(self.model.model.layers))}
                 t0 = time.perf_counter()
-                batches = calibration_batches(self.train, self.s.fold_seqs, self.s.calib_len,
+                windows = kwargs.get("windows", self.s.fold_seqs)
+                kwargs = {k: v for k, v in kwargs.items() if k != "windows"}
+                if self.s.layers:  # smoke runs: a few windows
+                    windows = min(windows, self.s.fold_seqs)
+                batches = calibration_batches(self.train, windows, self.s.calib_len,
                                               self.s.seed)
                 rot = calibrate_folded(self.model, batches, seed=self.s.seed,
                                        runner=self.model.model, **kwargs)
                 rot.scale_power = power
                 rot.metadata["wall_s"] = round(time.perf_counter() - t0, 1)
+                rot.metadata["windows"] = windows
                 rot.save(path)
                 self._rotations[fold] = rot
         return self._rotations[fold]
@@ -210,7 +234,10 @@ class FoldedState:
         """The loss-driven allocation of ``fold``'s model at ``sparsity`` (both targets of
         one greedy trajectory are computed together)."""
         if fold not in self._allocations:
-            path = self.cal_dir / f"loss-alloc-{fold}-{self.tag}.json"
+            # the windows and the greedy's pricing (per weight) name the file: a resumed run
+            # never reuses an allocation found otherwise
+            path = self.cal_dir / (f"loss-alloc-{fold}-{self.tag}-{self.s.alloc_seqs}w"
+                                   f"-per-weight.json")
             if path.is_file():
                 self._allocations[fold] = read_json(path)
             else:

@@ -87,6 +87,9 @@ def _check_globs(options: CompileOptions, names: ParameterNames,
     root(s) matches: a setting that silently does not apply."""
     paths = [p.path for p in projections]
     paths += [prefix for prefix, root in names.roots.items() if isinstance(root, torch.Tensor)]
+    # a product may read any 2-D parameter or buffer as its weight (a fixed rotation buffer
+    # multiplied functionally): its path is one the globs may name too
+    paths = list(dict.fromkeys([*paths, *names.matrix_paths()]))
     if paths:
         kinds = sorted({type(r).__name__ for r in names.roots.values()})
         check_globs(options.config, paths, where=f"backend 'qsparse' ({', '.join(kinds)})")

@@ -19,6 +19,7 @@ from op_counts import DENSE_PROJECTIONS, CountingBackend, dense_projections, wit
 from training import next_token_loss, take_gradients
 
 from qsparse_compile.config import topk_count
+from qsparse_compile.glob_check import UnmatchedGlobWarning
 from qsparse_compile.reference import reference_model
 from qsparse_compile.research.models.tiny_llama import TinyLlama, TinyLlamaConfig
 
@@ -136,6 +137,37 @@ def test_overrides_and_exclusions_by_glob(name):
     for path in spec.layer_paths(1):
         assert plans[path].sparsity == (0.75 if ".mlp." in path else 0.4)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+class _RotatedInput(torch.nn.Module):
+    """A fixed rotation buffer multiplied functionally before a projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rotation", torch.linalg.qr(torch.randn(16, 16))[0])
+        self.proj = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.proj(x @ self.rotation)
+
+
+def test_exclusion_of_a_functional_buffer_product_applies_and_is_not_called_unmatched():
+    # the pass takes `x @ buffer` as a projection named by the buffer's path; a glob naming it
+    # changes the graph, so reporting it as matching nothing would be false
+    torch.manual_seed(0)
+    model, x = _RotatedInput(), torch.randn(3, 16)
+    options = {"sparsity": 0.5, "exclude": ("rotation",)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmatchedGlobWarning)  # a false report fails the test
+        compiled, backend = compile_counting(model, options, fullgraph=True)
+        out = compiled(x)
+    assert {r.projection.path: r.plan.dense for r in backend.records()} == {
+        "rotation": True, "proj": False}
+    with reference_model(model, sparsity=0.5):
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="'rotaton'.*nearest.*rotation"):
+        compile_counting(model, {"sparsity": 0.5, "exclude": ("rotaton",)})[0](x)
 
 
 # --- compiled outputs equal the eager reference ----------------------------------------------

@@ -104,10 +104,12 @@ class ParameterNames:
         self.roots = {prefix: unwrap(m) if isinstance(m, nn.Module) else m
                       for prefix, m in roots.items()}
         self._names: dict[int, list[TensorName]] = {}
+        self._tensors: dict[int, torch.Tensor] = {}  # keeps each named tensor, by identity
         self._modules: dict[int, nn.Module] = {}
         for prefix, root in self.roots.items():
             if isinstance(root, torch.Tensor):
                 self._names.setdefault(id(root), []).append(TensorName(None, "", prefix))
+                self._tensors[id(root)] = root
                 continue
             for path, module in _walk(root, prefix, ()):
                 self._modules[id(module)] = module
@@ -117,6 +119,7 @@ class ParameterNames:
                     if tensor is not None:
                         self._names.setdefault(id(tensor), []).append(
                             TensorName(module, path, attr))
+                        self._tensors[id(tensor)] = tensor
 
     def names_of(self, tensor: object) -> list[TensorName]:
         """Every name of ``tensor`` under the roots (empty: not a parameter or buffer)."""
@@ -152,6 +155,17 @@ class ParameterNames:
         others = [n.owner_path for n in self.names_of(tensor)
                   if n.attr == "weight" and n.owner is not None and projection_layout(n.owner)]
         return list(dict.fromkeys([chosen, *others]))
+
+    def matrix_paths(self) -> list[str]:
+        """The projection path of every 2-D parameter or buffer under the roots, in module
+        order: a product reading one as its weight is a projection of that path, also where no
+        projection module owns it (a fixed matrix multiplied functionally, e.g. a rotation
+        buffer ``layers.1.basis_change.change``, is named by itself). An embedding's table
+        is not among them (it is looked up, not multiplied; a head tied to it is named by the
+        head's module)."""
+        return list(dict.fromkeys(
+            self.projection_path(t) for key, t in self._tensors.items() if t.dim() == 2
+            and not all(isinstance(n.owner, nn.Embedding) for n in self._names[key])))
 
     def is_projection_weight(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is the weight of a projection module (``nn.Linear``, ``Conv1D``)."""

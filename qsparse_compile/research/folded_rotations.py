@@ -20,13 +20,17 @@ A :class:`FoldedRotations` holds the rotations of the training-free mode:
   LaRoSA-style correction): :meth:`FoldedRotations.added_macs` counts it, and
   :meth:`FoldedRotations.apply` installs it as a forward pre-hook on each layer (eager and
   Dynamo-traceable, but not a product the compiler sparsifies).
+* ``down``: per layer, a block-diagonal rotation ``[blocks, block, block]`` of the down
+  projection's input (behind the GLU, where nothing folds), applied online by
+  :func:`~.rotation_folding.fold_down_rotations` (``d_ff x block`` multiply-adds per token and
+  layer, counted by :meth:`FoldedRotations.added_macs`), its inverse folded into down.
 
 Rotations are found from calibration batches by :func:`calibrate_folded`: PCA (eigenvectors of
 the uncentred second moment, by descending eigenvalue) of what top-K will see after folding,
 i.e. of the *weightless* normalised residual stream ``n`` (all norm sites pooled for
-``residual``, per layer for ``layers``) and of o's per-head input (the q heads of one kv
-head pooled). ``"hadamard"`` (a randomised Hadamard-like rotation, data-free) is the
-comparison point.
+``residual``, per layer for ``layers``), of o's per-head input (the q heads of one kv
+head pooled) and of each block of the down input. ``"hadamard"`` (a randomised
+Hadamard-like rotation, data-free) is the comparison point.
 
 The file format is one safetensors file (tensors, and a JSON header in the metadata), like
 :class:`~.calibration.Calibration`'s.
@@ -49,6 +53,7 @@ from torch import nn
 from .rotation_folding import (
     check_orthogonal,
     check_supported,
+    fold_down_rotations,
     fold_head_rotations,
     fold_importance_scales,
     fold_norm_weights,
@@ -58,10 +63,13 @@ from .rotation_folding import (
     random_orthogonal,
 )
 
-__all__ = ["FOLDED_FORMAT", "KINDS", "FoldedRotations", "calibrate_folded", "hadamard_like",
-           "pca_rotation"]
+__all__ = ["FOLDED_FORMAT", "KINDS", "READABLE_FORMATS", "FoldedRotations",
+           "calibrate_folded", "hadamard_like", "pca_rotation"]
 
-FOLDED_FORMAT = "qsparse-folded-rotations/1"
+FOLDED_FORMAT = "qsparse-folded-rotations/2"
+#: Older formats :meth:`FoldedRotations.load` still reads (/1: no ``down`` rotations; code
+#: that knows only /1 refuses /2 files rather than drop their down rotations).
+READABLE_FORMATS = ("qsparse-folded-rotations/1", FOLDED_FORMAT)
 #: How a rotation may be chosen: from data (``"pca"``) or data-free (``"hadamard"``).
 KINDS = ("pca", "hadamard")
 
@@ -92,6 +100,8 @@ class FoldedRotations:
         residual: ``[D, D]`` residual-stream rotation, or None.
         layers: per decoder layer ``[D, D]`` rotations (exclusive with ``residual``), or None.
         heads: per decoder layer ``[kv_heads, head_dim, head_dim]``, or None.
+        down: per decoder layer ``[blocks, block, block]`` (the down input's online
+            block-diagonal rotation), or None.
         scale_power: the power of the folded importance scales, or None (no scales).
         metadata: JSON-serialisable facts (kinds, tokens, seed).
     """
@@ -99,6 +109,7 @@ class FoldedRotations:
     residual: torch.Tensor | None = None
     layers: list[torch.Tensor] | None = None
     heads: list[torch.Tensor] | None = None
+    down: list[torch.Tensor] | None = None
     scale_power: float | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -111,11 +122,15 @@ class FoldedRotations:
 
     def added_macs(self, model: nn.Module) -> int:
         """Multiply-adds per token that the rotations add at runtime: 0 for ``residual`` and
-        ``heads`` (folded), ``D^2`` per layer boundary for ``layers`` (the basis change)."""
-        if self.layers is None:
-            return 0
-        dim = model.config.hidden_size
-        return _basis_changes(self.layers) * dim * dim
+        ``heads`` (folded), ``D^2`` per layer boundary for ``layers`` (the basis change),
+        ``d_ff x block`` per layer for ``down``."""
+        total = 0
+        if self.layers is not None:
+            dim = model.config.hidden_size
+            total += _basis_changes(self.layers) * dim * dim
+        for r in self.down or []:
+            total += r.shape[0] * r.shape[1] * r.shape[2]
+        return total
 
     # --- folding -----------------------------------------------------------------------
 
@@ -134,7 +149,10 @@ class FoldedRotations:
         if self.heads is not None:
             fold_head_rotations(folded, self.heads, inplace=True)
         if self.scale_power is not None:
-            fold_importance_scales(folded, self.scale_power, inplace=True)
+            fold_importance_scales(folded, self.scale_power, inplace=True,
+                                   down=self.down is None)
+        if self.down is not None:
+            fold_down_rotations(folded, self.down, self.scale_power, inplace=True)
         return folded
 
     # --- file --------------------------------------------------------------------------
@@ -146,11 +164,13 @@ class FoldedRotations:
         tensors: dict[str, torch.Tensor] = {}
         if self.residual is not None:
             tensors["residual"] = self.residual.contiguous()
-        for name, values in (("layers", self.layers), ("heads", self.heads)):
+        for name, values in (("layers", self.layers), ("heads", self.heads),
+                             ("down", self.down)):
             for i, t in enumerate(values or []):
                 tensors[f"{name}.{i}"] = t.contiguous().clone()  # segments share one tensor
         header = {"format": FOLDED_FORMAT, "layers": len(self.layers or []),
-                  "heads": len(self.heads or []), "scale_power": self.scale_power,
+                  "heads": len(self.heads or []), "down": len(self.down or []),
+                  "scale_power": self.scale_power,
                   "metadata": self.metadata}
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,13 +187,15 @@ class FoldedRotations:
             raise FileNotFoundError(f"folded rotations file {str(target)!r} does not exist")
         with safe_open(str(target), framework="pt") as f:
             header = json.loads((f.metadata() or {}).get("qsparse", "{}"))
-            if header.get("format") != FOLDED_FORMAT:
+            if header.get("format") not in READABLE_FORMATS:
                 raise ValueError(f"{str(target)!r} is not a folded-rotations file (format "
-                                 f"{header.get('format')!r}, expected {FOLDED_FORMAT!r})")
+                                 f"{header.get('format')!r}, expected one of "
+                                 f"{list(READABLE_FORMATS)})")
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
         return cls(residual=tensors.get("residual"),
                    layers=[tensors[f"layers.{i}"] for i in range(header["layers"])] or None,
                    heads=[tensors[f"heads.{i}"] for i in range(header["heads"])] or None,
+                   down=[tensors[f"down.{i}"] for i in range(header.get("down", 0))] or None,
                    scale_power=header.get("scale_power"), metadata=header["metadata"])
 
 
@@ -242,7 +264,8 @@ def _weightless(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def calibrate_folded(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
                      residual: str | None = "pca", per_layer: bool = False,
-                     segments: int | None = None, heads: str | None = "pca", seed: int = 0,
+                     segments: int | None = None, heads: str | None = "pca",
+                     down: str | None = None, down_block: int = 64, seed: int = 0,
                      runner: nn.Module | None = None) -> FoldedRotations:
     """Rotations to fold, measured on ``batches`` (keyword arguments of ``runner``'s forward,
     ``runner`` defaulting to ``model``; ``model.model`` skips the head's vocabulary product).
@@ -255,10 +278,14 @@ def calibrate_folded(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
             of (nearly) equal length sharing one rotation (their norm inputs pooled): only
             ``segments - 1`` basis changes at runtime. None: one segment per layer.
         heads: ``"pca"``, ``"hadamard"`` or None: the per-kv-head rotations of o's input.
+        down: ``"pca"``, ``"hadamard"`` or None: the down input's online block rotation
+            (PCA of each block of ``down_block`` consecutive features, or one Hadamard-like
+            block repeated).
+        down_block: the width of those blocks; must divide the down input's width.
         seed: of the data-free rotations.
     """
     check_supported(model)
-    for name, value in (("residual", residual), ("heads", heads)):
+    for name, value in (("residual", residual), ("heads", heads), ("down", down)):
         if value is not None and value not in KINDS:
             raise ValueError(f"calibrate_folded: {name} must be one of {list(KINDS)} or None, "
                              f"got {value!r}")
@@ -268,6 +295,14 @@ def calibrate_folded(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
     q_heads, kv_heads, head_dim = head_layout(model)
     dim = model.config.hidden_size
     layers = list(model.model.layers)
+    hidden = layers[0].mlp.down_proj.in_features
+    if down is not None and (not isinstance(down_block, int) or isinstance(down_block, bool)
+                             or down_block < 1 or hidden % down_block):
+        raise ValueError(f"calibrate_folded: down_block must be a positive int dividing the "
+                         f"down input's width {hidden}, got {down_block!r}")
+    blocks = hidden // down_block if down is not None else 0
+    down_moments = [torch.zeros(blocks, down_block, down_block, dtype=torch.float64)
+                    for _ in layers]
     norm_moments = [torch.zeros(dim, dim, dtype=torch.float64) for _ in range(len(layers) + 1)]
     head_moments = [torch.zeros(kv_heads, head_dim, head_dim, dtype=torch.float64)
                     for _ in layers]
@@ -286,7 +321,15 @@ def calibrate_folded(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
             head_moments[index] += torch.einsum("tjha,tjhb->jab", x, x)
         return hook
 
+    def on_down(index: int):
+        def hook(_down: nn.Module, args: tuple) -> None:
+            x = args[0].detach().double().reshape(-1, blocks, down_block)
+            down_moments[index] += torch.einsum("tja,tjb->jab", x, x)
+        return hook
+
     for i, layer in enumerate(layers):
+        if down == "pca":
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_down(i)))
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             handles.append(norm.register_forward_pre_hook(on_norm(i)))
         if heads == "pca":
@@ -294,7 +337,7 @@ def calibrate_folded(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
     handles.append(model.model.norm.register_forward_pre_hook(on_norm(len(layers))))
     run = runner if runner is not None else model
     try:
-        if residual == "pca" or heads == "pca":
+        if "pca" in (residual, heads, down):
             for batch in batches:
                 run(**batch)
                 tokens[0] += int(batch["input_ids"].numel())
@@ -302,7 +345,8 @@ def calibrate_folded(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
         for handle in handles:
             handle.remove()
     out = FoldedRotations(metadata={"residual": residual, "per_layer": per_layer,
-                                    "heads": heads, "seed": seed, "tokens": tokens[0]})
+                                    "heads": heads, "down": down, "seed": seed,
+                                    "tokens": tokens[0]})
     if residual == "hadamard":
         out.residual = hadamard_like(dim, seed)
     elif residual == "pca" and per_layer:
@@ -318,13 +362,22 @@ def calibrate_folded(model: nn.Module, batches: Iterable[Mapping[str, Any]], *,
         out.metadata["segments"] = count
     elif residual == "pca":
         out.residual = pca_rotation(sum(norm_moments))
-    if heads == "hadamard":
-        one = hadamard_like(head_dim, seed)
-        out.heads = [one.expand(kv_heads, head_dim, head_dim).clone() for _ in layers]
-    elif heads == "pca":
-        out.heads = [torch.stack([pca_rotation(m[j]) for j in range(kv_heads)])
-                     for m in head_moments]
+    if heads is not None:
+        out.heads = _blockwise(heads, head_moments, seed)
+    if down is not None:
+        out.down = _blockwise(down, down_moments, seed)
+        out.metadata["down_block"] = down_block
     return out
+
+
+def _blockwise(kind: str, moments: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Per layer, one rotation per block of its ``[blocks, b, b]`` second moments: their PCA,
+    or (``"hadamard"``) the same data-free Hadamard-like ``b x b`` rotation in every block."""
+    if kind == "hadamard":
+        count, width, _ = moments[0].shape
+        one = hadamard_like(width, seed)
+        return [one.expand(count, width, width).clone() for _ in moments]
+    return [torch.stack([pca_rotation(block) for block in m]) for m in moments]
 
 
 def fwht_macs(dim: int, block: int) -> int:

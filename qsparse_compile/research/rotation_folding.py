@@ -29,11 +29,12 @@ Which projection inputs this rotates for free (no runtime product):
   (``W_o[:, h] R_j``). Exact, because attention mixes tokens, not features: a q head's
   output is a convex combination of its kv head's value rows, so it arrives rotated by
   ``R_j`` too (under GQA all q heads sharing a kv head share its ``R_j``).
-* **not down**: its input ``act(gate) * up`` lies behind an elementwise non-linearity, which no
-  rotation commutes with; rotating it needs an online transform (a fast Walsh-Hadamard, or a
-  block-diagonal rotation). Not implemented here; :func:`fold_importance_scales` folds a
-  per-channel *scale* there instead (up's rows, down's columns), exact because the GLU's
-  product is linear in ``up``.
+* **not down** for free: its input ``act(gate) * up`` lies behind an elementwise
+  non-linearity, which no rotation commutes with. :func:`fold_importance_scales` folds a
+  per-channel *scale* there (up's rows, down's columns), exact because the GLU's product is
+  linear in ``up``; :func:`fold_down_rotations` rotates it with an online block-diagonal
+  transform (a runtime product of ``d_ff x block`` multiply-adds per token and layer, the
+  inverse folded into down's columns).
 
 Supported: the Llama family's layout (``model.embed_tokens``, ``model.layers[i]`` with
 ``input_layernorm`` / ``self_attn.{q,k,v,o}_proj`` / ``post_attention_layernorm`` /
@@ -55,6 +56,8 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "check_orthogonal",
     "check_supported",
+    "DownRotation",
+    "fold_down_rotations",
     "fold_head_rotations",
     "fold_importance_scales",
     "fold_norm_weights",
@@ -263,6 +266,15 @@ def head_layout(model: nn.Module) -> tuple[int, int, int]:
     return q_heads, kv_heads, head_dim
 
 
+def _check_one_per_layer(model: nn.Module, rotations: object, where: str, what: str) -> None:
+    """``rotations`` must be a list or tuple with one entry per decoder layer."""
+    count = len(model.model.layers)
+    if not isinstance(rotations, (list, tuple)) or len(rotations) != count:
+        given = (len(rotations) if isinstance(rotations, (list, tuple))
+                 else type(rotations).__name__)
+        raise ValueError(f"{where}: need one {what} tensor per layer ({count}), got {given}")
+
+
 @torch.no_grad()
 def fold_head_rotations(model: nn.Module, rotations: list[torch.Tensor], *,
                         inplace: bool = False) -> nn.Module:
@@ -276,12 +288,8 @@ def fold_head_rotations(model: nn.Module, rotations: list[torch.Tensor], *,
     composable with) :func:`fold_rotation`, which touches neither v's outputs nor o's inputs.
     """
     q_heads, kv_heads, head_dim = head_layout(model)
-    layers = model.model.layers
-    if not isinstance(rotations, (list, tuple)) or len(rotations) != len(layers):
-        given = (len(rotations) if isinstance(rotations, (list, tuple))
-                 else type(rotations).__name__)
-        raise ValueError(f"fold_head_rotations: need one [kv_heads, head_dim, head_dim] tensor "
-                         f"per layer ({len(layers)}), got {given}")
+    _check_one_per_layer(model, rotations, "fold_head_rotations",
+                         "[kv_heads, head_dim, head_dim]")
     checked = []
     for i, r in enumerate(rotations):
         where = f"fold_head_rotations: rotations[{i}]"
@@ -320,8 +328,8 @@ def _importance(norms: torch.Tensor, power: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_importance_scales(model: nn.Module, power: float = 1.0, *, inplace: bool = False
-                           ) -> nn.Module:
+def fold_importance_scales(model: nn.Module, power: float = 1.0, *, inplace: bool = False,
+                           down: bool = True) -> nn.Module:
     """The same function with each projection input scaled by its weight columns' norms, so
     top-K's ``|x_j|`` becomes ``|x_j| * c_j``, ``c_j = (sum_r ||W_r[:, j]||^2) ** (power / 2)``
     (``power=1``: Wanda's ``|x| ||W_col||`` importance of dropping input ``j``).
@@ -337,7 +345,9 @@ def fold_importance_scales(model: nn.Module, power: float = 1.0, *, inplace: boo
       (``act(gate) * up`` is linear in ``up``).
 
     Composes with :func:`fold_rotation` and :func:`fold_head_rotations` (apply it last: it
-    measures the column norms of the weights as they then are).
+    measures the column norms of the weights as they then are). ``down=False`` leaves up and
+    down alone (:func:`fold_down_rotations` then folds the down input's scales into its
+    transform, after the rotation).
     """
     check_supported(model)
     if not isinstance(power, (int, float)) or not 0 <= power <= 4:
@@ -360,9 +370,72 @@ def fold_importance_scales(model: nn.Module, power: float = 1.0, *, inplace: boo
         _scale_rows(v, c_kv)
         per_q = c_kv.reshape(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim)
         _assign(o.weight, (wo / per_q).reshape(o.weight.shape))
-        c = _importance(_column_norms([down.weight]), power)
-        _scale_rows(up, c)
-        _assign(down.weight, down.weight.detach().double() / c.unsqueeze(0))
+        if down:
+            c = _importance(_column_norms([down.weight]), power)
+            _scale_rows(up, c)
+            _assign(down.weight, down.weight.detach().double() / c.unsqueeze(0))
+    return folded
+
+
+class DownRotation(nn.Module):
+    """The online transform of a down projection's input: ``x -> x blockdiag(T_1, ..., T_n)``,
+    ``blocks`` ``[n, b, b]`` (one ``T_i`` per ``b`` consecutive features), run as a forward
+    pre-hook of ``down_proj`` (installed by :func:`fold_down_rotations`)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        super().__init__()
+        self.register_buffer("blocks", blocks)
+
+    def hook(self, _module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        count, width, _ = self.blocks.shape
+        # einsum, not a broadcast matmul: that would copy the blocks once per token
+        rows = torch.einsum("...ja,jab->...jb", x.unflatten(-1, (count, width)),
+                            self.blocks.to(x.dtype))
+        return (rows.flatten(-2), *args[1:])
+
+
+@torch.no_grad()
+def fold_down_rotations(model: nn.Module, rotations: list[torch.Tensor],
+                        scale_power: float | None = None, *, inplace: bool = False
+                        ) -> nn.Module:
+    """The model with each down projection's input rotated online, blockwise.
+
+    ``rotations[i]`` is ``[n, b, b]`` (``n b`` = down's input width, each block orthogonal):
+    layer ``i``'s down input ``x`` becomes ``x R`` (``R`` the block-diagonal of the blocks)
+    before top-K, by a :class:`DownRotation` pre-hook (submodule ``mlp.down_rotation``,
+    buffer ``blocks``, a batch of matrices the compiler never takes for a projection), and down's
+    weight becomes ``W R`` (``(x R)(W R)^T == x W^T``). With ``scale_power`` the rotated
+    input is also scaled by the importance of ``W R``'s columns (as
+    :func:`fold_importance_scales` does, folded into the blocks and down's columns, so top-K
+    keeps the largest ``|(x R)_j| ||(W R)[:, j]||``). Costs ``n b^2`` multiply-adds per token
+    and layer at runtime.
+    """
+    check_supported(model)
+    _check_one_per_layer(model, rotations, "fold_down_rotations", "[blocks, block, block]")
+    width = model.model.layers[0].mlp.down_proj.in_features
+    checked = []
+    for i, r in enumerate(rotations):
+        where = f"fold_down_rotations: rotations[{i}]"
+        if (not isinstance(r, torch.Tensor) or r.dim() != 3 or r.shape[1] != r.shape[2]
+                or r.shape[0] * r.shape[1] != width):
+            shape = list(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"{where} must be [blocks, block, block] with blocks * block = "
+                             f"{width} (down's input width), got {shape}")
+        checked.append(torch.stack([check_orthogonal(r[j], r.shape[1], f"{where}[{j}]")
+                                    for j in range(r.shape[0])]))
+    folded = model if inplace else copy.deepcopy(model)
+    for layer, r in zip(folded.model.layers, checked, strict=True):
+        down = layer.mlp.down_proj
+        r = r.to(down.weight.device)
+        w = down.weight.detach().double() @ torch.block_diag(*r)
+        if scale_power is not None:
+            c = _importance(w.pow(2).sum(0).sqrt(), scale_power)
+            r = r * c.reshape(r.shape[0], 1, r.shape[1])  # column j of the transform times c_j
+            w = w / c.unsqueeze(0)
+        _assign(down.weight, w)
+        layer.mlp.down_rotation = DownRotation(r.to(down.weight.dtype))
+        down.register_forward_pre_hook(layer.mlp.down_rotation.hook)
     return folded
 
 

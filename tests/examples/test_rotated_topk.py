@@ -36,7 +36,8 @@ def test_quick_run_logs_rotated_and_allocated_rows(tmp_path):
 
 def test_quick_run_logs_training_free_rows(tmp_path):
     argv = ["--quick", "--quiet", "--rows", "topk50", "fold-scaled50", "loss-alloc50",
-            "fold-segments350", "--out", str(tmp_path / "logs"), "--cal-dir",
+            "fold-segments350", "fold-layers-down-pca50", "--out", str(tmp_path / "logs"),
+            "--cal-dir",
             str(tmp_path / "cal")]
     log = recipe.main(argv)
     rows = log["rows"]
@@ -52,6 +53,10 @@ def test_quick_run_logs_training_free_rows(tmp_path):
     seg = rows["fold-segments350"]
     assert seg["added_macs"] == 576 * 576
     assert seg["compiled"]["sparsified"] == plain["compiled"]["sparsified"]
+    # plus the down input's online rotation: 24 blocks of 64 x 64 per layer, kept dense
+    down = rows["fold-layers-down-pca50"]
+    assert down["added_macs"] == 576 * 576 + 2 * 1536 * 64
+    assert down["compiled"]["sparsified"] == plain["compiled"]["sparsified"]
     section = "\n".join(make_results.training_free_section(log))
     assert "| folded PCA + heads + importance scales 50% |" in section
     # the decode timing of benchmarks/rotated_decode.py fills the speed columns
@@ -59,4 +64,7 @@ def test_quick_run_logs_training_free_rows(tmp_path):
              "vs_plain_topk": {"fold-scaled50": 0.977}}
     timed = "\n".join(make_results.training_free_section(log, speed))
     assert "| 31.2 | 0.977 |" in timed and "| 32.0 | – |" in timed
+    assert ("the best configuration measured at >= 0.95x plain top-K's decode speed is "
+            "folded PCA + heads + importance scales 50% (0.977x") in timed
+    assert "The down input's online rotation (PCA blocks of 64" not in timed  # no fold-layers
     assert "loss-driven allocation" in section

@@ -205,3 +205,18 @@ def test_fake_stand_ins_of_parameters_are_found_by_identity():
     assert real_inputs(None, inputs) == inputs
     plain = [model[0].weight, real]
     assert real_inputs(CompiledCall(model, (), {}), plain) == plain
+
+
+def test_matrix_paths_name_every_2d_parameter_and_buffer_once():
+    class Rotated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("rotation", torch.eye(4))
+            self.register_buffer("scale", torch.ones(4))  # 1-D: never a product's weight
+            self.proj = nn.Linear(4, 4)
+            self.alias = self.proj  # one module under two names: one path
+
+    names = ParameterNames({"": Rotated()})
+    assert names.matrix_paths() == ["rotation", "proj"]
+    bare = nn.Parameter(torch.zeros(3, 2))
+    assert ParameterNames({"w": bare}).matrix_paths() == ["w"]

@@ -9,6 +9,8 @@ with its real weights in a ``slow`` test.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hf_models import HF_MODELS, logits, perturb_norms_and_biases, relative_error, token_ids
@@ -23,6 +25,7 @@ from qsparse_compile.research.folded_rotations import (
     pca_rotation,
 )
 from qsparse_compile.research.rotation_folding import (
+    fold_down_rotations,
     fold_head_rotations,
     fold_importance_scales,
     fold_norm_weights,
@@ -40,7 +43,15 @@ VARIANTS = {
     "scales-only": ({"residual": None, "heads": None}, 0.5),
     "per-layer": ({"residual": "pca", "per_layer": True, "heads": "pca"}, 1.0),
     "one-segment": ({"residual": "pca", "per_layer": True, "segments": 1, "heads": None}, None),
+    "down-pca": ({"residual": "pca", "per_layer": True, "heads": "pca", "down": "pca",
+                  "down_block": 16}, 1.0),
+    "down-hadamard": ({"residual": None, "heads": None, "down": "hadamard",
+                       "down_block": 32}, None),
 }
+#: The basis change is a 2-D buffer the pass would sparsify like a projection: an exact
+#: rotation, kept dense. The down input's blocks are a batch of matrices, which the pass never
+#: takes for a projection (no exclusion needed, and a glob naming them would match nothing).
+EXCLUDE = {"per-layer": ("*.basis_change.change",), "down-pca": ("*.basis_change.change",)}
 
 
 def _build(family: str) -> torch.nn.Module:
@@ -134,15 +145,17 @@ def test_compiled_folded_model_equals_the_explicitly_rotated_reference(family):
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("variant", ["pca-heads-scaled", "per-layer"])
+@pytest.mark.parametrize("variant", ["pca-heads-scaled", "per-layer", "down-pca",
+                                     "down-hadamard"])
 def test_compiled_folded_model_equals_the_eager_reference_of_its_weights(variant):
-    """Scales and basis changes are not orthogonal input rotations: the compiled model is
-    checked against the eager reference on the folded weights (the basis change kept dense)."""
+    """Scales, basis changes and the down input's online rotation are not orthogonal input
+    rotations of a projection: the compiled model is checked against the eager reference on
+    the folded weights (the online products kept dense)."""
     model = _build("llama")
     folded = _rotations(model, variant).apply(model)
     options = {"sparsity": 0.5}
-    if variant == "per-layer":
-        options["exclude"] = ("*.basis_change.change",)
+    if variant in EXCLUDE:
+        options["exclude"] = EXCLUDE[variant]
     ids = token_ids()
     compiled = torch.compile(folded, backend="qsparse", options={**options, "inner": "eager"})
     out = logits(compiled, ids)
@@ -169,6 +182,42 @@ def test_added_macs_and_file_round_trip(tmp_path):
     ids = token_ids()
     torch.testing.assert_close(logits(loaded.apply(model), ids), logits(rot.apply(model), ids))
     assert fwht_macs(1536, 512) == 1536 * 9 + 1536
+    down = _rotations(model, "down-pca")
+    hidden = model.config.intermediate_size
+    assert [tuple(r.shape) for r in down.down] == [(hidden // 16, 16, 16)] * 2
+    assert down.added_macs(model) == (len(model.model.layers) - 1) * dim * dim + 2 * hidden * 16
+    again = FoldedRotations.load(down.save(tmp_path / "d.safetensors"))
+    # a file of the first format (no down rotations) still loads; an unknown one is refused
+    from safetensors.torch import save_file
+    for fmt in ("qsparse-folded-rotations/1", "qsparse-folded-rotations/9"):
+        header = {"format": fmt, "layers": 0, "heads": 0, "scale_power": None, "metadata": {}}
+        save_file({"residual": torch.eye(dim)}, str(tmp_path / "v.safetensors"),
+                  metadata={"qsparse": json.dumps(header)})
+        if fmt.endswith("/1"):
+            old = FoldedRotations.load(tmp_path / "v.safetensors")
+            assert old.down is None and torch.equal(old.residual, torch.eye(dim))
+        else:
+            with pytest.raises(ValueError, match=r"format '.*/9', expected one of"):
+                FoldedRotations.load(tmp_path / "v.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(again.down, down.down, strict=True))
+    torch.testing.assert_close(logits(again.apply(model), ids), logits(down.apply(model), ids))
+
+
+def test_down_rotation_moves_down_only_and_is_applied_online():
+    model = _build("llama")
+    rot = _rotations(model, "down-hadamard")
+    folded = rot.apply(model)
+    for (name, before), after in zip(fold_norm_weights(model).named_parameters(),
+                                     folded.parameters(), strict=True):
+        assert torch.equal(before, after) != name.endswith("down_proj.weight"), name
+    seen = []
+    layer = folded.model.layers[0]
+    layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    blocks = layer.mlp.down_rotation.blocks
+    for shape in ((3,), (2, 5)):  # rows, and [batch, tokens]
+        x = torch.randn(*shape, model.config.intermediate_size)
+        layer.mlp.down_proj(x)
+        torch.testing.assert_close(seen[-1], x @ torch.block_diag(*blocks))
 
 
 def test_rotation_builders_are_orthogonal():
@@ -194,6 +243,13 @@ def test_bad_input_is_named(tmp_path):
         fold_head_rotations(model, [torch.eye(8), torch.eye(8)])
     with pytest.raises(ValueError, match=r"power must be a number in \[0, 4\], got -1"):
         fold_importance_scales(model, -1)
+    with pytest.raises(ValueError, match=r"down_block must be a positive int dividing the "
+                                         r"down input's width 64, got 48"):
+        calibrate_folded(model, [], residual=None, heads=None, down="hadamard", down_block=48)
+    with pytest.raises(ValueError, match=r"rotations\[1\] must be \[blocks, block, block\] "
+                                         r"with blocks \* block = 64.*got \[2, 16, 16\]"):
+        fold_down_rotations(model, [torch.eye(16).expand(4, 16, 16),
+                                    torch.eye(16).expand(2, 16, 16)])
     with pytest.raises(ValueError, match="residual .* or layers .* not both"):
         FoldedRotations(residual=torch.eye(2), layers=[torch.eye(2)])
     with pytest.raises(FileNotFoundError, match="does not exist"):

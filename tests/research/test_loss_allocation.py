@@ -10,6 +10,7 @@ from hf_models import HF_MODELS, token_ids
 from qsparse_compile.config import QSparseConfig, topk_count
 from qsparse_compile.research.allocation import budget
 from qsparse_compile.research.loss_allocation import (
+    cheapest_step,
     group_overrides,
     loss_allocation,
     projection_sizes,
@@ -58,6 +59,22 @@ def test_deterministic_and_uniform_baseline_logged(model, found):
     again = loss_allocation(model, [token_ids(seed=7)], targets=(0.4,), step=0.25)
     assert again[0.4].kept == found[0.4].kept
     assert found[0.4].uniform_calib_loss > 0
+
+
+def test_steps_are_priced_per_weight_not_by_loss_alone():
+    # from loss 3.0 at 100 weights: step 0 costs +0.5 for 1 weight, step 1 +1.0 for 10
+    assert cheapest_step(3.0, 100, [(3.5, 99), (4.0, 90)]) == 1
+    assert cheapest_step(3.0, 100, [(3.5, 99), (4.0, 99)]) == 0
+    assert cheapest_step(3.0, 100, [(2.9, 99), (3.0, 50)]) == 0  # a loss decrease wins
+    assert cheapest_step(3.0, 100, [(3.1, 90), (3.1, 90)]) == 0  # ties: the first
+    # last step, 5 weights short of the budget: overshooting to 50 earns credit for 5 only,
+    # so the candidate just meeting the budget at a lower loss wins
+    assert cheapest_step(3.0, 100, [(3.2, 95), (3.5, 50)]) == 1
+    assert cheapest_step(3.0, 100, [(3.2, 95), (3.5, 50)], need=5) == 0
+    with pytest.raises(ValueError, match="need must be a positive weight count, got 0"):
+        cheapest_step(3.0, 100, [(3.1, 90)], need=0)
+    with pytest.raises(ValueError, match="candidate 1 reads 100 weights"):
+        cheapest_step(3.0, 100, [(3.1, 90), (3.0, 100)])
 
 
 def test_bad_input_is_named(model):
