@@ -266,6 +266,17 @@ def head_layout(model: nn.Module) -> tuple[int, int, int]:
     return q_heads, kv_heads, head_dim
 
 
+def _orthogonal_blocks(blocks: torch.Tensor, where: str) -> torch.Tensor:
+    """``[n, b, b]`` blocks, each checked by :func:`check_orthogonal` (float64)."""
+    return torch.stack([check_orthogonal(block, blocks.shape[-1], f"{where}[{j}]")
+                        for j, block in enumerate(blocks)])
+
+
+def _check_power(power: object, where: str) -> None:
+    if not isinstance(power, (int, float)) or not 0 <= power <= 4:
+        raise ValueError(f"{where}: power must be a number in [0, 4], got {power!r}")
+
+
 def _check_one_per_layer(model: nn.Module, rotations: object, where: str, what: str) -> None:
     """``rotations`` must be a list or tuple with one entry per decoder layer."""
     count = len(model.model.layers)
@@ -297,8 +308,7 @@ def fold_head_rotations(model: nn.Module, rotations: list[torch.Tensor], *,
             shape = list(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
             raise ValueError(f"{where} must be [{kv_heads}, {head_dim}, {head_dim}] "
                              f"(kv heads, head_dim, head_dim), got {shape}")
-        checked.append(torch.stack([check_orthogonal(r[j], head_dim, f"{where}[{j}]")
-                                    for j in range(kv_heads)]))
+        checked.append(_orthogonal_blocks(r, where))
     folded = model if inplace else copy.deepcopy(model)
     group = q_heads // kv_heads
     for layer, r in zip(folded.model.layers, checked, strict=True):
@@ -350,9 +360,7 @@ def fold_importance_scales(model: nn.Module, power: float = 1.0, *, inplace: boo
     transform, after the rotation).
     """
     check_supported(model)
-    if not isinstance(power, (int, float)) or not 0 <= power <= 4:
-        raise ValueError(f"fold_importance_scales: power must be a number in [0, 4], "
-                         f"got {power!r}")
+    _check_power(power, "fold_importance_scales")
     q_heads, kv_heads, head_dim = head_layout(model)
     folded = model if inplace else copy.deepcopy(model)
     _untie_head(folded)  # the final norm's scale reaches the head, not the embedding
@@ -413,6 +421,8 @@ def fold_down_rotations(model: nn.Module, rotations: list[torch.Tensor],
     """
     check_supported(model)
     _check_one_per_layer(model, rotations, "fold_down_rotations", "[blocks, block, block]")
+    if scale_power is not None:
+        _check_power(scale_power, "fold_down_rotations")
     width = model.model.layers[0].mlp.down_proj.in_features
     checked = []
     for i, r in enumerate(rotations):
@@ -422,15 +432,14 @@ def fold_down_rotations(model: nn.Module, rotations: list[torch.Tensor],
             shape = list(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
             raise ValueError(f"{where} must be [blocks, block, block] with blocks * block = "
                              f"{width} (down's input width), got {shape}")
-        checked.append(torch.stack([check_orthogonal(r[j], r.shape[1], f"{where}[{j}]")
-                                    for j in range(r.shape[0])]))
+        checked.append(_orthogonal_blocks(r, where))
     folded = model if inplace else copy.deepcopy(model)
     for layer, r in zip(folded.model.layers, checked, strict=True):
         down = layer.mlp.down_proj
         r = r.to(down.weight.device)
         w = down.weight.detach().double() @ torch.block_diag(*r)
         if scale_power is not None:
-            c = _importance(w.pow(2).sum(0).sqrt(), scale_power)
+            c = _importance(_column_norms([w]), scale_power)
             r = r * c.reshape(r.shape[0], 1, r.shape[1])  # column j of the transform times c_j
             w = w / c.unsqueeze(0)
         _assign(down.weight, w)

@@ -243,6 +243,9 @@ def test_bad_input_is_named(tmp_path):
         fold_head_rotations(model, [torch.eye(8), torch.eye(8)])
     with pytest.raises(ValueError, match=r"power must be a number in \[0, 4\], got -1"):
         fold_importance_scales(model, -1)
+    with pytest.raises(ValueError, match=r"fold_down_rotations: power must be a number in "
+                                         r"\[0, 4\], got 5"):
+        fold_down_rotations(model, [torch.eye(16).expand(4, 16, 16)] * 2, scale_power=5)
     with pytest.raises(ValueError, match=r"down_block must be a positive int dividing the "
                                          r"down input's width 64, got 48"):
         calibrate_folded(model, [], residual=None, heads=None, down="hadamard", down_block=48)
