@@ -55,18 +55,28 @@ def hidden_states(forward, model, prompt: torch.Tensor, feed: torch.Tensor, step
     return out
 
 
-def cut_gaps(model, sparsity: float) -> tuple[dict[str, list[float]], list]:
+def cut_gaps(model, sparsity: float, quant: str | None = None
+             ) -> tuple[dict[str, list[float]], dict[str, list[float]], list]:
     """Forward pre-hooks on every decoder projection that record, per call, the relative gap
     between the k-th and (k+1)-th largest |x| of the last row of its input (the reference
-    selects on exactly that input). Returns the record and the hooks' handles."""
+    selects on exactly that input) and, with ``quant="int8"``, the smallest distance of a kept
+    value's ``127 x / g`` to a rounding boundary (a half-integer), in units of one int8 code:
+    where it is tiny, a float-order difference in ``x`` moves a code by one. Returns the cut
+    gaps, the rounding gaps and the hooks' handles."""
     gaps: dict[str, list[float]] = {}
+    rounding: dict[str, list[float]] = {}
 
     def hook(name):
         def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])[-1].abs().double()
+            x = args[0].detach().reshape(-1, args[0].shape[-1])[-1].double()
             k = topk_count(x.numel(), sparsity)
-            top = x.sort(descending=True).values
+            top = x.abs().sort(descending=True).values
             gaps.setdefault(name, []).append(float((top[k - 1] - top[k]) / top[k - 1]))
+            if quant:
+                kept = x[x.abs() >= top[k - 1]]
+                q = 127.0 * kept / top[0]
+                rounding.setdefault(name, []).append(
+                    float((q - q.floor() - 0.5).abs().min()))
         return record
 
     handles = []
@@ -74,7 +84,7 @@ def cut_gaps(model, sparsity: float) -> tuple[dict[str, list[float]], list]:
         for role, module in (("q/k/v", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj),
                              ("gate/up", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
             handles.append(module.register_forward_pre_hook(hook(f"{i}.{role}")))
-    return gaps, handles
+    return gaps, rounding, handles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--weights", choices=["int8", "int4"])
     parser.add_argument("--head-weights", choices=["int8", "int4"])
+    parser.add_argument("--quant", choices=["int8"],
+                        help="per-row int8 activations (DESIGN.md point 5), as smollm2_decode.py")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12, help="decode steps compared")
     parser.add_argument("--new-tokens", type=int, default=64,
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_smollm2(torch.float32)
     prompt = prompt_ids(tokenizer, args.prompt_tokens)
     options = {"sparsity": args.sparsity, "weights": args.weights,
-               "head_weights": args.head_weights}
+               "head_weights": args.head_weights, "quant": args.quant}
     options = {k: v for k, v in options.items() if v is not None}
 
     # the reference's own greedy tokens, fed to both paths
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             feed.append(int(logits[0, -1].argmax()))
             logits = model(input_ids=torch.tensor([[feed[-1]]]), past_key_values=cache,
                            cache_position=torch.tensor([length + i]), use_cache=True).logits
-        gaps, handles = cut_gaps(model, args.sparsity)
+        gaps, rounding, handles = cut_gaps(model, args.sparsity, args.quant)
         ref = hidden_states(model.forward, model, prompt, torch.tensor(feed), args.steps,
                             cache_len)
         for handle in handles:
@@ -162,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         # the reference's cut gaps in that layer at that step (call 0 is the prefill)
         entry["reference_cut_gaps_in_layer"] = {
             role: gaps[f"{layer}.{role}"][step + 1] for role in ("q/k/v", "o", "gate/up", "down")}
+        if args.quant:
+            entry["reference_rounding_gaps_in_layer"] = {
+                role: rounding[f"{layer}.{role}"][step + 1]
+                for role in ("q/k/v", "o", "gate/up", "down")}
         record["first"] = entry
         print(f"  first jump: layer {layer} output {err[layer + 1]:.1e}, its input "
               f"{err[layer]:.1e} (max |h| {entry['max_abs_h']:.2f}, median "
@@ -170,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
               f"reference {gap:.1e}; features on the other side of the cut: {flipped}")
         print("  the reference's relative cut gaps in that layer at that step: " + ", ".join(
             f"{role} {g:.1e}" for role, g in entry["reference_cut_gaps_in_layer"].items()))
+        if args.quant:
+            print("  the reference's smallest distance of a kept 127 x / g to a rounding "
+                  "boundary, in codes: " + ", ".join(
+                      f"{role} {g:.1e}"
+                      for role, g in entry["reference_rounding_gaps_in_layer"].items()))
         for i, va, vb in zip(flipped, entry["reference_values"], entry["compiled_values"],
                              strict=True):
             print(f"    feature {i}: reference {va:.8f}, compiled {vb:.8f} "

@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=["int8", "int4"], help="weight format (qsparse)")
     parser.add_argument("--head-weights", choices=["int8", "int4"],
                         help="the output head's weight format (qsparse)")
+    parser.add_argument("--quant", choices=["int8"],
+                        help="activation quantization of the projections (qsparse; DESIGN.md "
+                             "point 5: per-row absmax int8 of the kept values)")
+    parser.add_argument("--quant-head", action="store_true",
+                        help="the output head's input takes --quant as well (its input stays "
+                             "dense: the override {'lm_head': 0})")
     parser.add_argument("--anchor", action="store_true",
                         help="add llama.cpp on the same GGUF file (needs llama-cpp-python)")
     parser.add_argument("--cpp-wrapper", action="store_true",
@@ -248,8 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = next(model.parameters()).dtype
     bytes_ = weight_bytes(model, args.sparsity, args.weights, args.head_weights)
     shapes = group_shapes(model)
-    formats = {"weights": args.weights, "head_weights": args.head_weights}
+    if args.quant_head and not args.quant:
+        parser.error("--quant-head needs --quant")
+    formats = {"weights": args.weights, "head_weights": args.head_weights, "quant": args.quant}
     label = "qsparse" + "".join(f" {k}={v}" for k, v in formats.items() if v)
+    if args.quant_head:
+        formats["overrides"] = {"lm_head": 0.0}
+        label += " +head"
 
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(f"model: SmolLM2-135M ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "

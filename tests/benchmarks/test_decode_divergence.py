@@ -16,7 +16,7 @@ pytestmark = pytest.mark.hf
 def test_cut_gaps_and_hidden_states():
     model = HF_MODELS["llama"].build(layers=2)
     prompt, feed = torch.tensor([[3, 5, 7]]), torch.tensor([9, 11])
-    gaps, handles = cut_gaps(model, 0.5)
+    gaps, rounding, handles = cut_gaps(model, 0.5, "int8")
     seen = {}
     layer = model.model.layers[1]
     hook = layer.mlp.down_proj.register_forward_pre_hook(
@@ -32,6 +32,9 @@ def test_cut_gaps_and_hidden_states():
     k = topk_count(x.numel(), 0.5)
     top = x.sort(descending=True).values
     assert gaps["1.down"][1] == pytest.approx(float((top[k - 1] - top[k]) / top[k - 1]))
+    q = 127.0 * seen["down"][1].double()[x >= top[k - 1]] / top[0]
+    assert rounding["1.down"][1] == pytest.approx(float((q - q.floor() - 0.5).abs().min()))
+    assert 0.0 <= min(min(v) for v in rounding.values()) <= 0.5
     assert len(states) == 2 and states[0].shape == (3, model.config.hidden_size)
     with torch.no_grad():
         again = hidden_states(model.forward, model, prompt, feed, steps=2, cache_len=8)

@@ -20,6 +20,7 @@ from hf_models import HF_MODELS, LAYERS, token_ids
 from op_counts import CountingBackend
 from training import next_token_loss, take_gradients
 
+from qsparse_compile.codegen.cpu.native_dispatch import native_calls, native_library
 from qsparse_compile.config import QSparseConfig
 from qsparse_compile.passes import cpu_decode
 from qsparse_compile.reference import reference_model
@@ -51,7 +52,7 @@ def fixed_cost_model(monkeypatch):
 
 def _compiled(model, options, ids, grad=False):
     backend = CountingBackend(options, "eager")
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled = backend.compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.set_grad_enabled(grad):
         out = compiled(ids, use_cache=False).logits
     return out, backend
@@ -74,6 +75,13 @@ def test_decode_groups_read_packed_weights(name, options):
     assert sum(after[q] for q in QUANTIZERS) == 0
     assert after["topk_sparsify"] == after["block_sparsify"] == after["int8_fake_quant"] == 0
     torch.testing.assert_close(out, _reference(model, options, ids), atol=1e-5, rtol=1e-5)
+    # the graph's calls, once the first has published their kernels, skip Python entirely
+    before = native_calls()
+    with torch.no_grad():
+        again = backend.compiled(ids, use_cache=False).logits
+    assert torch.equal(again, out)
+    if native_library() is not None:
+        assert native_calls() - before == after["cpu_packed_linear"]
 
 
 @pytest.mark.parametrize("name,options", list(CASES.values()), ids=list(CASES))

@@ -34,6 +34,7 @@ __all__ = [
     "cache_dir",
     "load_entry_point",
     "find_compiler",
+    "find_cxx_compiler",
     "build_library",
     "host_fingerprint",
     "load_library",
@@ -46,6 +47,7 @@ BASE_FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-std=c11", "-shared", "-
 OPENMP_FLAGS: tuple[str, ...] = ("-fopenmp",)
 
 _COMPILER_CANDIDATES = ("cc", "gcc", "clang")
+_CXX_CANDIDATES = ("c++", "g++", "clang++")
 _lock = threading.Lock()
 
 
@@ -58,27 +60,36 @@ def cache_dir() -> Path:
     return cache_root() / "cpu"
 
 
-def find_compiler() -> str:
-    """The path of the C compiler: ``$CC`` if set, else the first of cc, gcc, clang on PATH."""
-    env = os.environ.get("CC")
+def _find(variable: str, candidates: tuple[str, ...], language: str) -> str:
+    env = os.environ.get(variable)
     if env:
         found = shutil.which(env)
         if found is None:
             raise CompilerNotFoundError(
-                f"$CC is set to {env!r}, which is not an executable on PATH; set CC to a C "
-                f"compiler (gcc or clang) or unset it to use one of "
-                f"{', '.join(_COMPILER_CANDIDATES)}"
+                f"${variable} is set to {env!r}, which is not an executable on PATH; set "
+                f"{variable} to a {language} compiler or unset it to use one of "
+                f"{', '.join(candidates)}"
             )
         return found
-    for name in _COMPILER_CANDIDATES:
+    for name in candidates:
         found = shutil.which(name)
         if found is not None:
             return found
     raise CompilerNotFoundError(
-        "qsparse_compile CPU kernels need a C compiler to build at first use, but none of "
-        f"{', '.join(_COMPILER_CANDIDATES)} is on PATH and $CC is not set; install gcc "
-        "(e.g. `apt-get install gcc`) or set CC"
+        f"qsparse_compile CPU kernels need a {language} compiler to build at first use, but "
+        f"none of {', '.join(candidates)} is on PATH and ${variable} is not set; install gcc "
+        f"(e.g. `apt-get install {'g++' if language == 'C++' else 'gcc'}`) or set {variable}"
     )
+
+
+def find_compiler() -> str:
+    """The path of the C compiler: ``$CC`` if set, else the first of cc, gcc, clang on PATH."""
+    return _find("CC", _COMPILER_CANDIDATES, "C")
+
+
+def find_cxx_compiler() -> str:
+    """The path of the C++ compiler: ``$CXX`` if set, else the first of c++, g++, clang++."""
+    return _find("CXX", _CXX_CANDIDATES, "C++")
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,12 +126,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _build(compiler: str, source: Path, target: Path, flags: tuple[str, ...]) -> None:
+def _build(compiler: str, source: Path, target: Path, flags: tuple[str, ...],
+           link_flags: tuple[str, ...]) -> None:
     """Compile ``source`` to a temporary library beside ``target``, then rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".so")
     os.close(fd)
     try:
-        cmd = [compiler, *flags, str(source), "-o", tmp]
+        cmd = [compiler, *flags, str(source), "-o", tmp, *link_flags]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(
@@ -142,7 +154,8 @@ def _library_path(name: str, source: str, compiler: str, flags: tuple[str, ...])
     return cache_dir() / f"{name}-{key}.so"
 
 
-def build_library(name: str, source: str, flags: tuple[str, ...] | None = None) -> Path:
+def build_library(name: str, source: str, flags: tuple[str, ...] | None = None, *,
+                  cxx: bool = False, link_flags: tuple[str, ...] = ()) -> Path:
     """Compile ``source`` into the cache (unless already there) and return the library's path.
 
     Safe to call from several threads or processes at once: each builds into its own temporary
@@ -152,17 +165,19 @@ def build_library(name: str, source: str, flags: tuple[str, ...] | None = None) 
         name: a file-name-safe label (the kernel's specialisation name).
         source: the complete C translation unit.
         flags: compiler flags; default ``BASE_FLAGS + OPENMP_FLAGS``.
+        cxx: ``source`` is C++ (built with :func:`find_cxx_compiler`, kept as ``.cpp``).
+        link_flags: flags after the source (libraries to link).
     """
     flags = BASE_FLAGS + OPENMP_FLAGS if flags is None else tuple(flags)
-    compiler = find_compiler()
-    lib_path = _library_path(name, source, compiler, flags)
+    compiler = find_cxx_compiler() if cxx else find_compiler()
+    lib_path = _library_path(name, source, compiler, flags + tuple(link_flags))
     if lib_path.exists():
         return lib_path
     lib_path.parent.mkdir(parents=True, exist_ok=True)
-    src_path = lib_path.with_suffix(".c")
+    src_path = lib_path.with_suffix(".cpp" if cxx else ".c")
     if not src_path.exists():
         _atomic_write(src_path, source.encode())
-    _build(compiler, src_path, lib_path, flags)
+    _build(compiler, src_path, lib_path, flags, tuple(link_flags))
     return lib_path
 
 

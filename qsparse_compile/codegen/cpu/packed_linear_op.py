@@ -26,6 +26,7 @@ import torch
 
 from ... import reference
 from .compiler import load_entry_point
+from .native_dispatch import publish_kernel, publish_layout, publish_threads
 from .packed_linear_template import PackedLinearSpec, render
 from .packed_weights import FORMATS, PackedLayout, dequantize, pack, quantize
 from .topk_linear_op import check_no_grad, decode_threads
@@ -247,23 +248,49 @@ def packed_linear(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, quant:
 
 _LIB = torch.library.Library("qsparse", "FRAGMENT")  # kept alive: dropping it unregisters
 _LIB.define(SCHEMA)
+#: the same op in Python, which the native kernel calls for what it does not take itself
+_LIB.define(SCHEMA.replace("cpu_packed_linear(", "cpu_packed_linear_python(", 1))
+_PUBLISHED: set[tuple] = set()
+
+
+def _publish(x: torch.Tensor, fmt: str, out_features: int, max_sparse_rows: int) -> None:
+    """Hand what the call validated and compiled to the native kernel (:mod:`.native_dispatch`):
+    the entry point for its rows, the weight layout and the thread count."""
+    D = x.shape[-1]
+    rows = x.numel() // D if D else 0
+    if not 0 < rows <= max_sparse_rows:
+        return
+    key = (fmt, x.dtype, rows, D, out_features, torch.get_num_threads())
+    if key in _PUBLISHED:
+        return
+    layout = _LAYOUTS[(fmt, D, out_features)]
+    publish_kernel("cpu_packed_linear", fmt, x.dtype, rows, _KERNELS[(fmt, x.dtype, rows)])
+    publish_layout(fmt, D, out_features, *layout.kernel_offsets, layout.nbytes)
+    publish_threads(torch.get_num_threads(), decode_threads())
+    _PUBLISHED.add(key)
 
 
 def _cpu_impl(x, k, n, m, rescale, quant, format, out_features, packed, bias,  # noqa: A002
               max_sparse_rows):
     check_no_grad(_OP, x, bias)
-    return packed_linear(x, k, n, m, rescale, quant, format, out_features, packed, bias,
-                         max_sparse_rows)
+    y = packed_linear(x, k, n, m, rescale, quant, format, out_features, packed, bias,
+                      max_sparse_rows)
+    _publish(x, format, out_features, max_sparse_rows)
+    return y
 
 
-_LIB.impl("cpu_packed_linear", _cpu_impl, "CPU")
-
-
-@torch.library.register_fake("qsparse::cpu_packed_linear", lib=_LIB)
-def _(x, k, n, m, rescale, quant, format, out_features, packed, bias,  # noqa: A002
-      max_sparse_rows):
+def _fake(x, k, n, m, rescale, quant, format, out_features, packed, bias,  # noqa: A002
+          max_sparse_rows):
     _check(x, k, n, m, format, out_features, packed, bias, max_sparse_rows)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# The public op's Python implementation serves the CPU through CompositeExplicitAutograd, so
+# that the native kernel, once loaded, takes the CPU key without overriding a registration.
+_LIB.impl("cpu_packed_linear", _cpu_impl, "CompositeExplicitAutograd")
+_LIB.impl("cpu_packed_linear_python", _cpu_impl, "CPU")
+for _name in ("cpu_packed_linear", "cpu_packed_linear_python"):
+    torch.library.register_fake(f"qsparse::{_name}", _fake, lib=_LIB)
 
 
 #: ``torch.ops.qsparse.cpu_packed_linear`` (see the module doc).

@@ -338,11 +338,109 @@ static inline void fold_group(float* restrict acc, const float* restrict gacc,
 }
 #endif
 
+/* ---- int4 codes x int8 activations: integer dot products --------------------------------
+ * With quant, the kept values are q_t * s_t (integer q, the row's s = g / 127), so a group's
+ * sum_k x_k (d q_k' + m) is s_t (d sum_k q_k q_k' + m sum_k q_k): an exact integer sum
+ * (|sum| <= 32 * 15 * 128 < 2^24) scaled once. AVX-512 VNNI multiplies four unsigned codes by
+ * four signed activations and adds them into one int32 lane (vpdpbusd); the codes of four kept
+ * features are interleaved per column by one two-register byte permute (VBMI) and a nibble
+ * shift, so the 16 lanes of a vector are 16 consecutive columns. Used for fp32 rows
+ * (bf16 rows round q * s to bf16, which is no longer q times the row's scale) whose scales are
+ * finite (an infinite or NaN row takes the float path, whose rounding it must reproduce), for
+ * up to 4 rows (16 int32 accumulators of 64 columns in registers). */
+#if QS_WIDE && FMT == FMT_INT4 && defined(__AVX512VBMI__) && defined(__AVX512VNNI__) \
+    && !ELEM_IS_BF16 && ROWS <= 4
+#define QS_VNNI 1
+/* Columns one step of the integer path covers: four vectors of 16. */
+#define VNNI_COLS 64
+/* Byte 4j + r of permute c: row r's code of column 16c + j, as a byte of X = rows 0|1 or
+ * Y = rows 2|3 (32 bytes of each row): column j's chunk c, byte j % 8, the low nibble for
+ * j < 8 and the high one for j >= 8 (bytes 32..63: words 16..31 are shifted by 4). */
+static const uint8_t VNNI_PERMUTE[4][64] __attribute__((aligned(64))) = {
+${vnni_permute}
+};
+
+/* acc[t][0, cols) += d * sum q q' + m * sum q, group by group, for one panel. */
+static void vnni_panel(float* restrict acc, const int32_t* restrict rows,
+                       const int8_t* restrict codes, const int64_t* gstart,
+                       const int32_t* restrict qsum, int64_t g0, int64_t g1,
+                       const uint8_t* panel, const uint16_t* dq, const uint16_t* mq,
+                       int64_t Np, int64_t cols) {
+    __m512i perm[4];
+    for (int c = 0; c < 4; ++c) perm[c] = _mm512_load_si512((const void*)VNNI_PERMUTE[c]);
+    const __m512i low4 = _mm512_set1_epi8(15);
+    const int64_t steps = (cols + VNNI_COLS - 1) / VNNI_COLS;  /* padding columns are zeros */
+    for (int64_t g = g0; g < g1; ++g) {
+        const int64_t i0 = gstart[g], i1 = gstart[g + 1];
+        if (i0 == i1) continue;
+        const int quads = (int)((i1 - i0 + 3) / 4);
+        const uint8_t* src[GROUP / 4][4];
+        int32_t act[GROUP / 4][ROWS];  /* four int8 activations per row, as one dword */
+        for (int qd = 0; qd < quads; ++qd)
+            for (int t = 0; t < ROWS; ++t) act[qd][t] = 0;
+        for (int64_t i = i0; i < i0 + 4 * quads; ++i) {
+            const int qd = (int)((i - i0) / 4), r = (int)((i - i0) % 4);
+            const int64_t at = i < i1 ? i : i0;  /* a quad's missing features: activation 0 */
+            src[qd][r] = panel + (int64_t)rows[at] * PANEL_ROW;
+            if (i < i1)
+                for (int t = 0; t < ROWS; ++t)
+                    act[qd][t] |= (int32_t)((uint32_t)(uint8_t)codes[i * ROWS + t] << (8 * r));
+        }
+        const uint16_t* dg = dq + g * Np;
+        const uint16_t* mg = mq + g * Np;
+        /* the next group's rows are prefetched line by line as this group's steps advance */
+        const int64_t n0 = gstart[g + 1], n1 = g + 1 < g1 ? gstart[g + 2] : n0;
+        for (int64_t s = 0; s < steps; ++s) {
+            const int64_t byte = s * (VNNI_COLS / 2), j0 = s * VNNI_COLS;
+#if PREFETCH
+            if (byte % 64 == 0)
+                for (int64_t i = n0; i < n1; ++i)
+                    _mm_prefetch((const char*)(panel + (int64_t)rows[i] * PANEL_ROW + byte),
+                                 _MM_HINT_T0);
+#endif
+            __m512i isum[ROWS][4];
+            for (int t = 0; t < ROWS; ++t)
+                for (int c = 0; c < 4; ++c) isum[t][c] = _mm512_setzero_si512();
+            for (int qd = 0; qd < quads; ++qd) {
+                const __m512i X = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(src[qd][0] + byte))),
+                    _mm256_loadu_si256((const __m256i*)(src[qd][1] + byte)), 1);
+                const __m512i Y = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(src[qd][2] + byte))),
+                    _mm256_loadu_si256((const __m256i*)(src[qd][3] + byte)), 1);
+                for (int c = 0; c < 4; ++c) {
+                    __m512i v = _mm512_permutex2var_epi8(X, perm[c], Y);
+                    v = _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), low4);
+                    for (int t = 0; t < ROWS; ++t)
+                        isum[t][c] = _mm512_dpbusd_epi32(isum[t][c], v,
+                                                         _mm512_set1_epi32(act[qd][t]));
+                }
+            }
+            for (int c = 0; c < 4; ++c) {
+                const int64_t j = j0 + 16 * c;
+                const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dg + j)));
+                const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mg + j)));
+                for (int t = 0; t < ROWS; ++t) {
+                    float* a_ptr = acc + t * TILE_COLS + j;
+                    __m512 a = _mm512_load_ps(a_ptr);
+                    a = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(isum[t][c]), a);
+                    a = _mm512_fmadd_ps(mv, _mm512_set1_ps((float)qsum[g * ROWS + t]), a);
+                    _mm512_store_ps(a_ptr, a);
+                }
+            }
+        }
+    }
+}
+#else
+#define QS_VNNI 0
+#endif
+
 /* One thread's share, kept rows [i0, i1) (int4: whole groups [g0, g1), their rows starting at
  * gstart[g]), over the used columns (the first N, in whole chunks), panel by panel, into
  * part[ROWS][Np] (fp32). */
 static void gemv_share(const int32_t* rows, const float* vals, int64_t i0, int64_t i1,
                        const int64_t* gstart, const float* xsum, int64_t g0, int64_t g1,
+                       const int8_t* qcodes, const int32_t* qsum,
                        const uint8_t* codes, int64_t panel_bytes, const uint16_t* dq,
                        const uint16_t* mq, int64_t N, int64_t Np, float* part) {
     float acc[ROWS * TILE_COLS] __attribute__((aligned(64)));
@@ -358,11 +456,21 @@ static void gemv_share(const int32_t* rows, const float* vals, int64_t i0, int64
     (void)dq;
     (void)mq;
 #endif
+#if !QS_VNNI
+    (void)qcodes;
+    (void)qsum;
+#endif
     const int64_t used = (N + CHUNK - 1) / CHUNK * CHUNK;
     for (int64_t c0 = 0; c0 < used; c0 += PANEL_COLS) {
         const uint8_t* panel = codes + (c0 / PANEL_COLS) * panel_bytes;
         const int64_t cols = used - c0 < PANEL_COLS ? used - c0 : PANEL_COLS;
         memset(acc, 0, sizeof(acc));
+#if QS_VNNI
+        if (qcodes) {  /* int8 activations: integer sums (the caller checked the scales) */
+            vnni_panel(acc, rows, qcodes, gstart, qsum, g0, g1, panel, dq + c0, mq + c0, Np,
+                       cols);
+        } else
+#endif
 #if FMT == FMT_INT4
         for (int64_t g = g0; g < g1; ++g) {
             if (gstart[g] == gstart[g + 1]) continue;  /* no row kept a feature of it */
@@ -408,19 +516,37 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
     const int64_t groups = (D + GROUP - 1) / GROUP;
     int64_t* gstart = NULL;
     float* xsum = NULL;
+    /* the integer path: the kept features' int8 codes, NULL where the float path runs */
+    const int8_t* qcodes = NULL;
+    int32_t* qsum = NULL;
+#if QS_VNNI
+    if (quant) {
+        qcodes = kept.codes;
+        for (int t = 0; t < ROWS; ++t)
+            if (!__builtin_isfinite(kept.qscale[t])) qcodes = NULL;
+    }
+#endif
 #if FMT == FMT_INT4
     gstart = (int64_t*)grow(&scratch_extra, sizeof(int64_t) * (size_t)(groups + 1)
-                            + sizeof(float) * (size_t)(groups * ROWS));
+                            + (sizeof(float) + sizeof(int32_t)) * (size_t)(groups * ROWS));
     if (!gstart) return -1;
     xsum = (float*)(gstart + groups + 1);
+    qsum = (int32_t*)(xsum + groups * ROWS);
     {
         int64_t i = 0;
         for (int64_t g = 0; g < groups; ++g) {
             gstart[g] = i;
             float s[ROWS] = {0};
+            int32_t si[ROWS] = {0};
             for (; i < nnz && rows[i] < (g + 1) * GROUP; ++i)
-                for (int t = 0; t < ROWS; ++t) s[t] += vals[i * ROWS + t];
-            for (int t = 0; t < ROWS; ++t) xsum[g * ROWS + t] = s[t];
+                for (int t = 0; t < ROWS; ++t) {
+                    s[t] += vals[i * ROWS + t];
+                    if (qcodes) si[t] += qcodes[i * ROWS + t];
+                }
+            for (int t = 0; t < ROWS; ++t) {
+                xsum[g * ROWS + t] = s[t];
+                qsum[g * ROWS + t] = si[t];
+            }
         }
         gstart[groups] = nnz;
     }
@@ -460,8 +586,8 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
             while (g1 < groups && gstart[g1] < hi) ++g1;
             if (tid == size - 1) g1 = groups;
         }
-        gemv_share(rows, vals, i0, i1, gstart, xsum, g0, g1, packed, panel_bytes, dq, mq, N,
-                   Np, part + tid * ROWS * Np);
+        gemv_share(rows, vals, i0, i1, gstart, xsum, g0, g1, qcodes, qsum, packed, panel_bytes,
+                   dq, mq, N, Np, part + tid * ROWS * Np);
     }
 
     /* 2b. y = bias + scale * (the partial sums), in a fixed order */
@@ -474,6 +600,7 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
             s *= col_scale[j];
 #else
             (void)col_scale;
+            if (qcodes) s *= kept.qscale[t];  /* the integer path's sums are in units of q */
 #endif
             if (bias) s += to_f32(bias[j]);
             y[t * ldy + j] = from_f32(s);
@@ -482,6 +609,15 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
 }
 """
 )
+
+
+def _vnni_permute() -> str:
+    """The four byte-permute index vectors of the integer path (see the C text)."""
+    lines = []
+    for c in range(4):
+        idx = [32 * r + 8 * c + j % 8 for j in range(16) for r in range(4)]
+        lines.append("    {" + ", ".join(map(str, idx)) + "},")
+    return "\n".join(lines)
 
 
 def render(spec: PackedLinearSpec) -> str:
@@ -503,6 +639,7 @@ def render(spec: PackedLinearSpec) -> str:
         panel_row=PANEL_ROW_BYTES,
         panel_cols=PANEL_ROW_BYTES * FORMATS[spec.format] // 8,
         prefetch=int(spec.prefetch),
+        vnni_permute=_vnni_permute(),
         elem_is_bf16=int(spec.dtype == torch.bfloat16),
         tail_cases="\n".join(
             f"    case {r}: fold_rows(acc, rows + i, vals + i * ROWS, {r}, rows + i1, nr_after, "

@@ -18,7 +18,8 @@ this text is that beginning, rendered into each:
    bf16 after this, as the reference rounds the sparsified activation before the product.
 3. **Quantize** (optional, ``quant="int8"``/``"bitnet"``): per row ``g = max(max|x|, 1e-5)``,
    ``q = clamp(round(127 x / g), -128, 127)``, value ``q g / 127``, the same float operations in
-   the same order as the reference (a NaN in the row makes the whole row NaN, as there).
+   the same order as the reference (a NaN in the row makes the whole row NaN, as there);
+   the integer codes and ``g / 127`` are kept as well, for a kernel that sums integer products.
 4. **Union**: the features some row kept, in index order, with the rows' values packed
    row-minor; only those weight rows are read by the GEMV that follows.
 
@@ -55,7 +56,7 @@ typedef struct {
 } buffer_t;
 
 static _Thread_local buffer_t scratch_keys, scratch_cand, scratch_xs, scratch_rows,
-    scratch_vals, scratch_part, scratch_extra;
+    scratch_vals, scratch_codes, scratch_part, scratch_extra;
 
 static void* grow(buffer_t* b, size_t bytes) {
     if (bytes > b->size) {
@@ -155,8 +156,9 @@ static void select_block_rank(float* v, int64_t m, int64_t nk, uint32_t* keys) {
     }
 }
 
-/* Per-row int8 quantize-dequantize of the kept values (DESIGN.md point 5). */
-static void quantize_int8(float* v, int64_t D) {
+/* Per-row int8 quantize-dequantize of the kept values (DESIGN.md point 5); codes[i] (if not
+ * NULL) receives each integer q (0 where the row is NaN), the return value is g / 127. */
+static float quantize_int8(float* v, int64_t D, int8_t* codes) {
     float amax = 0.0f;
     int nan = 0;
     for (int64_t i = 0; i < D; ++i) {
@@ -169,7 +171,9 @@ static void quantize_int8(float* v, int64_t D) {
         float q = __builtin_nearbyintf(127.0f * v[i] / g);  /* half to even, as torch.round */
         q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);  /* NaN stays NaN */
         v[i] = round_elem(q * g / 127.0f);
+        if (codes) codes[i] = q == q ? (int8_t)q : 0;
     }
+    return g / 127.0f;
 }
 
 /* The selected rows' kept features: rows[0, nnz) in index order, vals[i * ROWS + t] row t's
@@ -178,18 +182,25 @@ typedef struct {
     int64_t nnz;       /* features kept by some row; -1: scratch could not be allocated */
     const int32_t* rows;
     const float* vals;
+    /* quant only: the integer codes q (codes[i * ROWS + t], vals = q * qscale[t] up to the
+     * rounding of that product) and each row's g / 127; NULL / unset otherwise */
+    const int8_t* codes;
+    float qscale[ROWS];
 } kept_t;
 
 /* Steps 1-4 for ROWS rows of x (element (t, i) at x[t * x_stride_t + i * x_stride_k]). */
 static kept_t select_rows(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t D,
                           int64_t k, int64_t n, int64_t m, int64_t rescale, int64_t quant) {
-    kept_t out = {-1, NULL, NULL};
+    kept_t out = {-1, NULL, NULL, NULL, {0}};
     uint32_t* keys = (uint32_t*)grow(&scratch_keys, sizeof(uint32_t) * (size_t)(D + 1));
     uint32_t* cand = (uint32_t*)grow(&scratch_cand, sizeof(uint32_t) * (size_t)(D + 1));
     float* xs = (float*)grow(&scratch_xs, sizeof(float) * (size_t)(D + 1) * ROWS);
     int32_t* rows = (int32_t*)grow(&scratch_rows, sizeof(int32_t) * (size_t)(D + 1));
     float* vals = (float*)grow(&scratch_vals, sizeof(float) * (size_t)(D + 1) * ROWS);
-    if (!keys || !cand || !xs || !rows || !vals) return out;
+    /* quant: the rows' codes (D per row), then the kept features' codes (row-minor) */
+    int8_t* qx = quant ? (int8_t*)grow(&scratch_codes, (size_t)(D + 1) * ROWS * 2) : NULL;
+    if (!keys || !cand || !xs || !rows || !vals || (quant && !qx)) return out;
+    int8_t* qkept = quant ? qx + (int64_t)(D + 1) * ROWS : NULL;
 
     for (int t = 0; t < ROWS; ++t) {
         float* v = xs + (int64_t)t * D;
@@ -216,7 +227,7 @@ static kept_t select_rows(const elem_t* x, int64_t x_stride_t, int64_t x_stride_
             const float factor = kept_f > 0.0f ? full_f / kept_f : 1.0f;
             for (int64_t i = 0; i < D; ++i) v[i] = round_elem(v[i] * factor);
         }
-        if (quant) quantize_int8(v, D);
+        if (quant) out.qscale[t] = quantize_int8(v, D, qx + (int64_t)t * D);
     }
 
     int64_t nnz = 0;
@@ -230,12 +241,15 @@ static kept_t select_rows(const elem_t* x, int64_t x_stride_t, int64_t x_stride_
         if (any) {
             rows[nnz] = (int32_t)i;
             memcpy(vals + nnz * ROWS, vv, sizeof(vv));
+            if (quant)
+                for (int t = 0; t < ROWS; ++t) qkept[nnz * ROWS + t] = qx[(int64_t)t * D + i];
             ++nnz;
         }
     }
     out.nnz = nnz;
     out.rows = rows;
     out.vals = vals;
+    out.codes = qkept;
     return out;
 }
 """

@@ -42,6 +42,7 @@ from ... import reference
 from ..gemv_operands import check_gemv_operands
 from .compiler import load_entry_point
 from .machine import last_level_cache_bytes
+from .native_dispatch import publish_kernel, publish_threads
 from .thread_policy import kernel_threads
 from .topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES, TopkLinearSpec, render
 
@@ -337,22 +338,44 @@ def prepare_group_weight(
 
 _LIB = torch.library.Library("qsparse", "FRAGMENT")  # kept alive: dropping it unregisters
 _LIB.define(SCHEMA)
+#: the same op in Python, which the native kernel calls for what it does not take itself
+_LIB.define(SCHEMA.replace("cpu_topk_linear(", "cpu_topk_linear_python(", 1))
+_PUBLISHED: set[tuple] = set()
+
+
+def _publish(x: torch.Tensor, max_sparse_rows: int) -> None:
+    """Hand the entry point the call used and the thread count to the native kernel
+    (:mod:`.native_dispatch`)."""
+    D = x.shape[-1]
+    rows = x.numel() // D if D else 0
+    key = (x.dtype, rows, torch.get_num_threads())
+    if not 0 < rows <= max_sparse_rows or key in _PUBLISHED or (x.dtype, rows) not in _KERNELS:
+        return
+    publish_kernel("cpu_topk_linear", None, x.dtype, rows, _KERNELS[(x.dtype, rows)])
+    publish_threads(torch.get_num_threads(), decode_threads())
+    _PUBLISHED.add(key)
 
 
 def _cpu_impl(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, weight_t: torch.Tensor,
               bias: torch.Tensor | None, max_sparse_rows: int) -> torch.Tensor:
     check_no_grad(_OP, x, weight_t, bias)
-    return topk_linear(x, k, n, m, rescale, weight_t, bias, max_sparse_rows)
+    y = topk_linear(x, k, n, m, rescale, weight_t, bias, max_sparse_rows)
+    _publish(x, max_sparse_rows)
+    return y
 
 
-_LIB.impl("cpu_topk_linear", _cpu_impl, "CPU")
-
-
-@torch.library.register_fake("qsparse::cpu_topk_linear", lib=_LIB)
-def _(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, weight_t: torch.Tensor,
-      bias: torch.Tensor | None, max_sparse_rows: int) -> torch.Tensor:
+def _fake(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, weight_t: torch.Tensor,
+          bias: torch.Tensor | None, max_sparse_rows: int) -> torch.Tensor:
     _check(x, k, n, m, weight_t, bias, max_sparse_rows)
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+# The public op's Python implementation serves the CPU through CompositeExplicitAutograd, so
+# that the native kernel, once loaded, takes the CPU key without overriding a registration.
+_LIB.impl("cpu_topk_linear", _cpu_impl, "CompositeExplicitAutograd")
+_LIB.impl("cpu_topk_linear_python", _cpu_impl, "CPU")
+for _name in ("cpu_topk_linear", "cpu_topk_linear_python"):
+    torch.library.register_fake(f"qsparse::{_name}", _fake, lib=_LIB)
 
 
 #: ``torch.ops.qsparse.cpu_topk_linear``: ``sparsify(x) @ weight_t + bias`` (see the module doc).

@@ -268,3 +268,92 @@ def test_avx512_path_equals_the_avx2_path_bitwise(fmt, rows):
                 outs.append(y)
             assert torch.equal(outs[0], outs[1]), (D, N, k, threads)
             torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def _vnni_host() -> bool:
+    from qsparse_compile.codegen.cpu.compiler import host_fingerprint
+
+    flags = host_fingerprint().split()
+    return "avx512_vnni" in flags and "avx512vbmi" in flags
+
+
+@pytest.mark.skipif(not _vnni_host(), reason="the host has no AVX-512 VNNI / VBMI")
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), D=st.sampled_from([31, 32, 33, 96, 200, 577]),
+       N=st.sampled_from([16, 48, 70, 1040, 1100, 2100]), rows=st.integers(1, 5),
+       pattern=st.sampled_from(["randn", "ties", "nan", "inf", "group-edges"]),
+       rescale=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_integer_path_equals_the_float_path(data, D, N, rows, pattern, rescale, bias, seed):
+    """int4 weights with int8 activations (``quant``): up to 4 fp32 rows with finite scales
+    take integer dot products (AVX-512 VNNI), everything else the float path. One source built
+    with and without VNNI: both within an fp32 reordering of the reference, on shapes with
+    several 1024-column panels, short last groups and panels, rows skipped at group edges,
+    ties, NaN and infinite rows (the float path's rounding, as the reference's)."""
+    g = torch.Generator().manual_seed(seed)
+    k, n, m = data.draw(kernel_selections(D))
+    layout = packed_layout("int4", D, N)
+    packed = prepare_packed_weight([torch.randn(N, D, generator=g)], "int4")
+    x = _activations(rows, D, torch.float32, "randn" if pattern == "inf" else pattern, g)
+    if pattern == "inf":
+        x[0, 0] = float("inf")
+    b = torch.randn(N, generator=g) if bias else None
+    ref = packed_linear_reference(x, k, n, m, rescale, True, "int4", N, packed, b)
+    mode = "l2" if rescale else "none"
+    xs = reference.topk_sparsify(x, k, mode) if m == 0 else reference.block_sparsify(
+        x, n, m, mode)
+    w = dequantize(layout, packed)
+    # the integer path sums x d q' and x m apart: its error is relative to |x| (|d q'| + |m|)
+    minima = packed.clone()
+    minima[:layout.scale_offset] = 0  # codes 0: the value of every entry is its group's m
+    m_w = dequantize(layout, minima)
+    bound = (w - m_w).abs() + m_w.abs()
+    for fn in _vnni_and_float_builds(rows):
+        for threads in (1, 2):
+            y = _call(fn, x, k, n, m, rescale, True, layout, packed, b, threads)
+            _check_output(y, ref, reference.int8_fake_quant(xs), bound, torch.float32)
+
+
+def _vnni_and_float_builds(rows: int) -> list:
+    """The fp32 int4 kernel for ``rows`` built as the host allows and without VNNI."""
+    import ctypes
+
+    from qsparse_compile.codegen.cpu import packed_linear_op
+    from qsparse_compile.codegen.cpu.compiler import BASE_FLAGS, OPENMP_FLAGS, build_library
+    from qsparse_compile.codegen.cpu.packed_linear_template import PackedLinearSpec, render
+
+    spec = PackedLinearSpec(torch.float32, "int4", rows)
+    kernels = []
+    for extra in ((), ("-mno-avx512vnni",)):
+        lib = ctypes.CDLL(str(build_library(spec.name, render(spec), BASE_FLAGS + OPENMP_FLAGS
+                                            + extra)))
+        fn = getattr(lib, spec.name)
+        fn.argtypes, fn.restype = packed_linear_op._ARGTYPES, ctypes.c_int64
+        kernels.append(fn)
+    return kernels
+
+
+def _call(fn, x, k, n, m, rescale, quant, layout, packed, b, threads) -> torch.Tensor:
+    rows, N = x.shape[0], layout.out_features
+    y = torch.empty(rows, N)
+    assert fn(x.data_ptr(), x.stride(0), 1, x.shape[1], k, n, m, rescale, quant,
+              packed.data_ptr(), layout.panel_bytes, layout.scale_offset, layout.min_offset, N,
+              layout.padded_out, None if b is None else b.data_ptr(), y.data_ptr(), N,
+              threads) >= 0
+    return y
+
+
+@pytest.mark.skipif(not _vnni_host(), reason="the host has no AVX-512 VNNI / VBMI")
+def test_integer_path_runs_where_it_should():
+    """Up to 4 rows with quant, the VNNI build sums otherwise than the float path (integer
+    products: other bits); without quant, or with 5 rows, both builds run the float path and
+    agree bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    D, N = 200, 1100
+    layout = packed_layout("int4", D, N)
+    packed = prepare_packed_weight([torch.randn(N, D, generator=g)], "int4")
+    for rows, quant, integer in [(1, True, True), (4, True, True), (4, False, False),
+                                 (5, True, False)]:
+        x = torch.randn(rows, D, generator=g)
+        vnni, plain = (_call(fn, x, 100, 0, 0, False, quant, layout, packed, None, 1)
+                       for fn in _vnni_and_float_builds(rows))
+        assert torch.equal(vnni, plain) != integer, (rows, quant)
