@@ -44,6 +44,7 @@ graph and the tokens of every round are compared with the warm-up's and the refe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -169,11 +170,14 @@ class GreedyDecoder:
         self._cache_cls = StaticCache
 
     @torch.no_grad()
-    def run(self, steps: int | None = None) -> tuple[torch.Tensor, float]:
+    def run(self, steps: int | None = None,
+            around_decode: contextlib.AbstractContextManager | None = None
+            ) -> tuple[torch.Tensor, float]:
         """(the generated ids, seconds spent in the decode loop after prefill).
 
         ``steps`` stops after that many decode steps; the cache keeps its full length, so the
         compiled graphs (whose shapes include the cache's) are the ones the full run uses.
+        ``around_decode`` (a profiler, say) is entered around the decode loop only.
         """
         length = self.prompt.shape[1]
         cache = self._cache_cls(config=self.model.config, max_cache_len=length + self.new_tokens)
@@ -181,23 +185,75 @@ class GreedyDecoder:
                            cache_position=torch.arange(length), use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [token]
-        start = time.perf_counter()
-        for i in range(self.new_tokens - 1 if steps is None else steps):
-            out = self.forward(input_ids=token, past_key_values=cache,
-                               cache_position=torch.tensor([length + i]), use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(token)
-        return torch.cat(tokens, dim=1)[0], time.perf_counter() - start
+        with around_decode or contextlib.nullcontext():
+            start = time.perf_counter()
+            for i in range(self.new_tokens - 1 if steps is None else steps):
+                out = self.forward(input_ids=token, past_key_values=cache,
+                                   cache_position=torch.tensor([length + i]), use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token)
+            elapsed = time.perf_counter() - start
+        return torch.cat(tokens, dim=1)[0], elapsed
 
 
-def profile_steps(decoder: GreedyDecoder, label: str, steps: int = 8, rows: int = 20) -> str:
-    """The ops of ``steps`` decode steps (and the prefill before them), by self CPU time."""
+#: Ops the per-step breakdown names (the rest of the compiled graph is what they leave).
+PROFILED_OPS = {"packed linear": "qsparse::cpu_packed_linear",
+                "fused top-K linear": "qsparse::cpu_topk_linear",
+                "attention": "aten::_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def step_breakdown(events, steps: int, wall_s: float) -> dict[str, dict[str, float]]:
+    """Where a profiled decode step goes: ``{part: {"ms": per step, "calls": per step}}``.
+
+    ``events``: the profiler's ``key_averages()`` over ``steps`` decode steps that took
+    ``wall_s`` seconds. Parts: the step's wall time under the profiler, Dynamo's cache look-up,
+    the compiled region (everything Dynamo runs: its guards' bytecode excluded), each of
+    :data:`PROFILED_OPS` (their CPU time including what they call), the rest of the compiled
+    region (norms, RoPE, residuals, cache writes and the wrapper's own work), and the step's
+    time outside the compiled region (the loop's argmax and cache position, Python)."""
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        totals.setdefault(e.key, [0.0, 0])
+        totals[e.key][0] += e.cpu_time_total / 1e3
+        totals[e.key][1] += e.count
+
+    def part(ms: float, calls: float = 0) -> dict[str, float]:
+        return {"ms": ms / steps, "calls": calls / steps}
+
+    region = [sum(v[0] for k, v in totals.items() if k.startswith("Torch-Compiled Region")),
+              sum(v[1] for k, v in totals.items() if k.startswith("Torch-Compiled Region"))]
+    out = {"step (profiled)": part(1e3 * wall_s, steps),
+           "Dynamo cache look-up": part(*totals.get("TorchDynamo Cache Lookup", [0.0, 0])),
+           "compiled region": part(*region)}
+    named = 0.0
+    for name, key in PROFILED_OPS.items():
+        ms, calls = totals.get(key, [0.0, 0])
+        named += ms
+        out[name] = part(ms, calls)
+    out["rest of the compiled region"] = part(region[0] - named)
+    out["outside the compiled region"] = part(
+        1e3 * wall_s - region[0] - out["Dynamo cache look-up"]["ms"] * steps)
+    return out
+
+
+def profile_steps(decoder: GreedyDecoder, label: str, steps: int = 8, rows: int = 20
+                  ) -> tuple[str, dict[str, dict[str, float]]]:
+    """The ops of ``steps`` decode steps (prefill not profiled), by self CPU time, and the
+    per-step breakdown of :func:`step_breakdown`."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        decoder.run(steps)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-    return f"--- profile: {label} (prefill + {steps} decode steps) ---\n{table}"
+    prof = profile(activities=[ProfilerActivity.CPU])
+    _, wall_s = decoder.run(steps, around_decode=prof)
+    events = prof.key_averages()
+    breakdown = step_breakdown(events, steps, wall_s)
+    table = events.table(sort_by="self_cpu_time_total", row_limit=rows)
+    lines = [f"--- profile: {label} ({steps} decode steps) ---", table,
+             f"per decode step ({label}):"]
+    lines += [f"  {name:<30}{v['ms']:8.3f} ms" + (f"  ({v['calls']:g} calls)" if v["calls"]
+                                                   and name not in ("step (profiled)",)
+                                                   else "")
+              for name, v in breakdown.items()]
+    return "\n".join(lines), breakdown
 
 
 def group_shapes(model: torch.nn.Module) -> list[tuple[str, int, int]]:
@@ -376,12 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"other processes kept {statistics.median(busy):.1f} CPUs busy (median over rounds)")
     print(f"{label} text: {tokenizer.decode(tokens[label])!r}")
 
+    profiles: dict[str, dict[str, dict[str, float]]] = {}
     if args.profile:
         for name, decoder in paths.items():
             if isinstance(decoder, GreedyDecoder):
                 with torch.compiler.set_stance("default",
                                                skip_guard_eval_unsafe=args.skip_guards):
-                    print(profile_steps(decoder, name))
+                    text, profiles[name] = profile_steps(decoder, name)
+                print(text)
 
     if args.json:
         record = {
@@ -397,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             "fraction_of_limit": fraction, "tokens_equal_reference": sparse_equal,
             "first_difference": first_diff,
             "dense_tokens_equal_eager": dense_equal, "others_busy_cpus": busy,
-            "compile_s": compile_s, "decode_groups": decode_groups,
+            "compile_s": compile_s, "decode_groups": decode_groups, "profile": profiles,
             "tokens": {name: t.tolist() for name, t in tokens.items()},
         }
         write_json(args.json, record)

@@ -85,25 +85,41 @@ SAMPLE_LINE = "ROMEO: But soft, what light through yonder window breaks? It is t
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One configuration: the projections' weight format, the head's, top-K sparsity."""
+    """One configuration: the projections' weight format, the head's, top-K sparsity, the
+    activation quantization of the projections' inputs (``quant``, DESIGN.md point 5) and
+    whether the head's input takes it too (``quant_head``: the override ``{"lm_head": 0}``,
+    as ``smollm2_decode.py --quant-head``)."""
 
     weights: str | None = None
     head_weights: str | None = None
     sparsity: float = 0.0
+    quant: str | None = None
+    quant_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quant_head and self.quant is None:
+            raise ValueError("Row(quant_head=True) needs a quant format; got quant=None")
 
     @property
     def dense(self) -> bool:
-        return self.weights is None and self.head_weights is None and self.sparsity == 0.0
+        return (self.weights is None and self.head_weights is None and self.sparsity == 0.0
+                and self.quant is None)
 
     @property
     def options(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity, "weights": self.weights,
-                "head_weights": self.head_weights}
+        options: dict[str, Any] = {"sparsity": self.sparsity, "weights": self.weights,
+                                   "head_weights": self.head_weights}
+        if self.quant is not None:
+            options["quant"] = self.quant
+        if self.quant_head:
+            options["overrides"] = {"lm_head": 0.0}
+        return options
 
     @property
     def label(self) -> str:
+        quant = f" / quant {self.quant}{' +head' if self.quant_head else ''}" if self.quant else ""
         return (f"{self.weights or 'fp32'} / head {self.head_weights or 'fp32'} / "
-                f"s={self.sparsity}")
+                f"s={self.sparsity}{quant}")
 
 
 def all_rows(quick: bool = False) -> list[Row]:
@@ -113,6 +129,8 @@ def all_rows(quick: bool = False) -> list[Row]:
                 Row("int4", "int4", 0.5)]
     rows = [Row(fmt, None, s) for fmt in (None, "int8", "int4") for s in (0.0, 0.4, 0.5)]
     rows += [Row(fmt, fmt, s) for fmt in ("int8", "int4") for s in (0.0, 0.5)]
+    # int8 activations, the integer kernels' precondition: projections alone, then the head too
+    rows += [Row("int4", "int4", 0.5, "int8"), Row("int4", "int4", 0.5, "int8", True)]
     return rows
 
 
@@ -255,7 +273,7 @@ def llama_cpp_row(path: Path, windows: torch.Tensor, tokenizer, threads: int
 def table(rows: Sequence[dict[str, Any]], dense_nll: float) -> str:
     """The results as a text table (Δ NLL against ``dense_nll``, nats/token)."""
     header = (f"{'weights':<11}{'head':<7}{'sparsity':>9}{'perplexity':>12}{'mean NLL':>10}"
-              f"{'Δ NLL':>9}{'MiB/token':>11}{'x dense B':>10}{'wall s':>8}")
+              f"{'quant':>8}{'Δ NLL':>9}{'MiB/token':>11}{'x dense B':>10}{'wall s':>8}")
     dense_bytes = next((r["bytes_per_token"]["total"] for r in rows
                         if r["weights"] is None and r["head_weights"] is None
                         and r["sparsity"] == 0.0), None)
@@ -267,8 +285,10 @@ def table(rows: Sequence[dict[str, Any]], dense_nll: float) -> str:
         b = r["bytes_per_token"].get("total")
         mib = f"{b / 2**20:.1f}" if b else "-"
         frac = f"{b / dense_bytes:.3f}" if b and dense_bytes else "-"
+        quant = (r.get("quant") or "-") + ("+h" if r.get("quant_head") else "")
         lines.append(f"{name:<11}{head:<7}{r['sparsity']:>9.2f}{r['ppl']:>12.2f}"
-                     f"{r['nll']:>10.4f}{r['nll'] - dense_nll:>+9.4f}{mib:>11}{frac:>10}"
+                     f"{r['nll']:>10.4f}{quant:>8}{r['nll'] - dense_nll:>+9.4f}{mib:>11}"
+                     f"{frac:>10}"
                      f"{r['wall_s']:>8.0f}")
     return "\n".join(lines)
 
@@ -283,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--inner", default="eager", help="qsparse inner compiler (eager)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
+    parser.add_argument("--only", metavar="TEXT",
+                        help="besides the dense row, run only the rows whose label contains "
+                             "TEXT (e.g. 'quant')")
     parser.add_argument("--json", type=Path, help="write every row to this file")
     args = parser.parse_args(argv)
     count = args.windows or (QUICK_SEQS if args.quick else EVAL_SEQS)
@@ -304,7 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
 
     rows: list[dict[str, Any]] = []
-    for row in all_rows(args.quick):
+    selected = [row for row in all_rows(args.quick)
+                if row.dense or args.only is None or args.only in row.label]
+    if args.only is not None and len(selected) == 1:
+        parser.error(f"--only {args.only!r} matches no row; labels: "
+                     + ", ".join(row.label for row in all_rows(args.quick)))
+    for row in selected:
         rows.append(run_row(model, row, windows, batch, args.inner))
         r = rows[-1]
         print(f"  {r['name']}: ppl {r['ppl']:.2f} (NLL {r['nll']:.4f}), {r['wall_s']:.0f} s",

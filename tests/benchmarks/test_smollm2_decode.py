@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import HF_MODELS
+from hf_models import HF_MODELS, VOCAB
 from smollm2_decode import weight_bytes
 
 from qsparse_compile.codegen.cpu.packed_weights import PackedLayout
@@ -36,3 +36,29 @@ def test_weight_bytes_follow_the_formats(weights, head):
                                   PackedLayout(head, D, N).read_bytes(D))
     assert got["limit"] == pytest.approx(got["dense"] / got["sparse"])
     assert got["sparse"] < got["dense"]
+
+
+def test_profile_breaks_a_decode_step_down():
+    from smollm2_decode import GreedyDecoder, profile_steps
+
+    torch.manual_seed(0)
+    model = HF_MODELS["llama"].build().eval()
+    compiled = torch.compile(model.forward, backend="qsparse", dynamic=False,
+                             options={"sparsity": 0.5, "inner": "eager"})
+    decoder = GreedyDecoder(model, compiled, torch.randint(0, VOCAB, (1, 5)), new_tokens=4)
+    decoder.run()  # compiles prefill and decode
+    text, parts = profile_steps(decoder, "qsparse", steps=2)
+    assert "per decode step (qsparse)" in text and "prefill" not in text
+    step = parts["step (profiled)"]
+    assert step["calls"] == 1 and step["ms"] > 0
+    # a decode step runs the fused kernel once per fused group (q/k/v, o, gate/up, down) and
+    # once for the head (every feature kept)
+    layers = model.config.num_hidden_layers
+    assert parts["fused top-K linear"]["calls"] == 4 * layers + 1
+    named = sum(parts[name]["ms"] for name in ("packed linear", "fused top-K linear",
+                                               "attention"))
+    region = parts["compiled region"]["ms"]
+    assert parts["rest of the compiled region"]["ms"] == pytest.approx(region - named)
+    assert parts["outside the compiled region"]["ms"] == pytest.approx(
+        step["ms"] - region - parts["Dynamo cache look-up"]["ms"])
+    assert 0 < named <= region <= step["ms"]

@@ -52,7 +52,8 @@ def test_dense_row_is_the_model_itself(model):
     assert row["ppl"] == pytest.approx(math.exp(row["nll"]))
 
 
-@pytest.mark.parametrize("config", [sq.Row("int8", None, 0.0), sq.Row("int4", "int4", 0.5)],
+@pytest.mark.parametrize("config", [sq.Row("int8", None, 0.0), sq.Row("int4", "int4", 0.5),
+                                    sq.Row("int4", "int4", 0.5, "int8", True)],
                          ids=lambda r: r.label)
 def test_compiled_row_matches_the_reference_model(model, config):
     windows = _windows()
@@ -83,8 +84,17 @@ def test_weight_bytes(model):
     assert sq.weight_bytes(model, sq.Row("int4"))["head"] == dense["head"]  # head stays fp32
 
 
+def test_quant_rows():
+    row = sq.Row("int4", "int4", 0.5, "int8", True)
+    assert row.options["quant"] == "int8" and row.options["overrides"] == {"lm_head": 0.0}
+    assert "quant" not in sq.Row("int4").options and not row.dense
+    assert not sq.Row(quant="int8").dense
+    with pytest.raises(ValueError, match="quant_head=True"):
+        sq.Row(quant_head=True)
+
+
 def test_table_and_rows(model):
-    assert len(sq.all_rows()) == 13 and sq.all_rows()[0].dense
+    assert len(sq.all_rows()) == 15 and sq.all_rows()[0].dense
     assert len(sq.all_rows(quick=True)) == 5 and sq.all_rows(quick=True)[0].dense
     rows = [{"name": "x", **sq.Row().options, "nll": 1.0, "ppl": math.e, "wall_s": 1.0,
              "bytes_per_token": {"total": 2.0**20}},

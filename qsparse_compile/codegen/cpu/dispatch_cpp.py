@@ -94,7 +94,9 @@ inline int64_t kernel_rows(const at::Tensor& x, int64_t max_rows) {
     if (x.dim() == 0) return 0;
     const int64_t D = x.size(-1);
     const int64_t rows = D ? x.numel() / D : 0;
-    return rows >= 1 && rows <= max_rows && rows <= kMaxRows ? rows : 0;
+    // a max_rows outside [0, kMaxRows] is an error the Python implementation reports
+    if (max_rows < 0 || max_rows > kMaxRows) return 0;
+    return rows >= 1 && rows <= max_rows ? rows : 0;
 }
 
 inline bool plain_cpu(const at::Tensor& t) {

@@ -205,11 +205,11 @@ static kept_t select_rows(const elem_t* x, int64_t x_stride_t, int64_t x_stride_
     for (int t = 0; t < ROWS; ++t) {
         float* v = xs + (int64_t)t * D;
         const elem_t* xr = x + t * x_stride_t;
+        for (int64_t i = 0; i < D; ++i) v[i] = to_f32(xr[i * x_stride_k]);
+        /* the full norm only where it is used: a serial fp64 sum is ~4 cycles per entry */
         double full = 0.0;
-        for (int64_t i = 0; i < D; ++i) {
-            v[i] = to_f32(xr[i * x_stride_k]);
-            full += (double)v[i] * v[i];
-        }
+        if (rescale)
+            for (int64_t i = 0; i < D; ++i) full += (double)v[i] * v[i];
         if (m == 0) {
             select_topk(v, D, k, keys, cand);
         } else if (m <= RANK_BLOCK_MAX) {
@@ -230,21 +230,21 @@ static kept_t select_rows(const elem_t* x, int64_t x_stride_t, int64_t x_stride_
         if (quant) out.qscale[t] = quantize_int8(v, D, qx + (int64_t)t * D);
     }
 
+    /* compaction without a branch per feature (whether one is kept is a coin flip at 50%):
+     * every feature is written at the next free slot, which only a kept one advances (the
+     * buffers hold D + 1 entries, and the slot is never past i) */
     int64_t nnz = 0;
     for (int64_t i = 0; i < D; ++i) {
-        float vv[ROWS];
         int any = 0;
         for (int t = 0; t < ROWS; ++t) {
-            vv[t] = xs[(int64_t)t * D + i];
-            any |= (vv[t] != 0.0f);  /* NaN != 0: a kept NaN is read and propagates */
+            const float vt = xs[(int64_t)t * D + i];
+            vals[nnz * ROWS + t] = vt;
+            any |= (vt != 0.0f);  /* NaN != 0: a kept NaN is read and propagates */
         }
-        if (any) {
-            rows[nnz] = (int32_t)i;
-            memcpy(vals + nnz * ROWS, vv, sizeof(vv));
-            if (quant)
-                for (int t = 0; t < ROWS; ++t) qkept[nnz * ROWS + t] = qx[(int64_t)t * D + i];
-            ++nnz;
-        }
+        rows[nnz] = (int32_t)i;
+        if (quant)
+            for (int t = 0; t < ROWS; ++t) qkept[nnz * ROWS + t] = qx[(int64_t)t * D + i];
+        nnz += any;
     }
     out.nnz = nnz;
     out.rows = rows;

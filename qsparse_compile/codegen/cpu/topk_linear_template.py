@@ -100,6 +100,10 @@ ${prelude}
 #define TILE_COLS ((${tile_floats} / ROWS) / 8 * 8)
 /* Below this many weight bytes per thread, waking a second thread costs more than it saves. */
 #define MIN_BYTES_PER_THREAD (96 * 1024)
+/* Software prefetches fill L2, not L1: the weight rows come from DRAM, and fetching them into
+ * L1 ties up its few miss buffers, which the loads in flight need (measured on SmolLM2's
+ * shapes, 2 threads of an AVX-512 EPYC: -18% for the projections, -12% for the head). */
+#define PF_HINT _MM_HINT_T1
 ${element_helpers}
 /* The value the reference's sparsified activation holds: rounded to the element type. */
 static inline float round_elem(float f) { return to_f32(from_f32(f)); }
@@ -134,7 +138,7 @@ static inline __attribute__((always_inline)) void fold_rows(
 #if PREFETCH
         /* one prefetch per 64-byte line of every next row */
         if ((j * (int64_t)sizeof(elem_t)) % 64 == 0)
-            for (int r = 0; r < nr_next; ++r) _mm_prefetch((const char*)(pre[r] + j), _MM_HINT_T0);
+            for (int r = 0; r < nr_next; ++r) _mm_prefetch((const char*)(pre[r] + j), PF_HINT);
 #endif
         __m256 wv[ROWS_PER_PASS];
         for (int r = 0; r < nr; ++r) wv[r] = load8(src[r] + j);
@@ -172,6 +176,29 @@ static void gemv_rows(const int32_t* rows, const float* vals, int64_t i0, int64_
         for (int t = 0; t < ROWS; ++t) memcpy(part + t * N + c0, acc + t * TILE_COLS,
                                               sizeof(float) * (size_t)w);
     }
+}
+
+/* y[t, j0:j1] = bias + the threads' partial sums, added in thread order: the result does not
+ * depend on timing. The same operations in the same order as one loop per element, in blocks
+ * of 256 columns so that each step is a vector loop. */
+static void finish_columns(const float* restrict part, int64_t team, int64_t N,
+                           const elem_t* restrict bias, elem_t* restrict y, int64_t ldy,
+                           int64_t j0, int64_t j1) {
+    float tmp[256] __attribute__((aligned(64)));
+    for (int t = 0; t < ROWS; ++t)
+        for (int64_t c = j0; c < j1; c += 256) {
+            const int64_t w = j1 - c < 256 ? j1 - c : 256;
+            if (bias)
+                for (int64_t j = 0; j < w; ++j) tmp[j] = to_f32(bias[c + j]);
+            else
+                for (int64_t j = 0; j < w; ++j) tmp[j] = 0.0f;
+            for (int64_t p = 0; p < team; ++p) {
+                const float* src = part + (p * ROWS + t) * N + c;
+                for (int64_t j = 0; j < w; ++j) tmp[j] += src[j];
+            }
+            elem_t* yt = y + t * ldy + c;
+            for (int64_t j = 0; j < w; ++j) yt[j] = from_f32(tmp[j]);
+        }
 }
 
 /* Entry point. Returns the number of weight rows read (features kept by some row), -1 if the
@@ -220,15 +247,14 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
         i0 = i0 < nnz ? i0 : nnz;
         i1 = i1 < nnz ? i1 : nnz;
         gemv_rows(rows, vals, i0, i1, wt, ldw, N, part + tid * ROWS * N);
+        /* 2b. once every partial is there, each thread finishes its share of the columns */
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        const int64_t j0 = N * tid / size / 16 * 16;
+        const int64_t j1 = tid == size - 1 ? N : N * (tid + 1) / size / 16 * 16;
+        finish_columns(part, team, N, bias, y, ldy, j0, j1);
     }
-
-    /* 2b. y = bias + the partial sums, in a fixed order (the result does not depend on timing) */
-    for (int t = 0; t < ROWS; ++t)
-        for (int64_t j = 0; j < N; ++j) {
-            float s = bias ? to_f32(bias[j]) : 0.0f;
-            for (int64_t p = 0; p < team; ++p) s += part[(p * ROWS + t) * N + j];
-            y[t * ldy + j] = from_f32(s);
-        }
     return nnz;
 }
 """

@@ -105,6 +105,13 @@ def test_what_the_native_kernel_does_not_take_reaches_python():
         with pytest.raises(ValueError, match="bias must have shape"):
             ops.cpu_packed_linear(x, 20, 0, 0, False, False, "int4", 24, packed,
                                   torch.zeros(5), MAX_ROWS)
+        for max_rows in (-1, MAX_ROWS + 1):
+            with pytest.raises(ValueError, match="max_sparse_rows must be in"):
+                ops.cpu_packed_linear(x, 20, 0, 0, False, False, "int4", 24, packed, None,
+                                      max_rows)
+            with pytest.raises(ValueError, match="max_sparse_rows must be in"):
+                ops.cpu_topk_linear(x, 20, 0, 0, False, torch.randn(40, 24, generator=g),
+                                    None, max_rows)
     with pytest.raises(RuntimeError, match="inference-only"):
         ops.cpu_packed_linear(x.clone().requires_grad_(), 20, 0, 0, False, False, "int4", 24,
                               packed, None, MAX_ROWS)

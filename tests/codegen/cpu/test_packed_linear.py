@@ -114,6 +114,19 @@ def test_int4_represents_q4_1_weights_without_loss():
     assert torch.equal(int4_weight_fake_quant(w, -1), w)
 
 
+def _term_magnitudes(layout, packed: torch.Tensor) -> torch.Tensor:
+    """``[D, N]`` magnitudes of the terms the kernel sums for each weight: ``|w|``, but for
+    int4 ``|d q| + |m|``, since it sums ``x d q`` and ``x m`` apart (``d sum x q + m sum x``)
+    and its rounding error is relative to both, however much they cancel."""
+    w = dequantize(layout, packed)
+    if layout.format != "int4":
+        return w.abs()
+    minima = packed.clone()
+    minima[:layout.scale_offset] = 0  # codes 0: the value of every entry is its group's m
+    m_w = dequantize(layout, minima)
+    return (w - m_w).abs() + m_w.abs()
+
+
 def _check_output(y, ref, xs, w, dtype):
     """Within the error of fp32 sums in another order (and one bf16 rounding)."""
     scale = (xs.float().abs() @ w.abs()) + 1e-30
@@ -146,7 +159,7 @@ def test_kernel_matches_reference(data, fmt, dtype, D, N, rows, pattern, rescale
     mode = "l2" if rescale else "none"
     xs = reference.topk_sparsify(x, k, mode) if m == 0 else reference.block_sparsify(
         x, n, m, mode)
-    _check_output(y, ref, xs, dequantize(packed_layout(fmt, D, N), packed), dt)
+    _check_output(y, ref, xs, _term_magnitudes(packed_layout(fmt, D, N), packed), dt)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -179,7 +192,7 @@ def test_two_thread_split_matches_reference(fmt):
     y = packed_linear(x, D // 2, 0, 0, False, False, fmt, N, packed, None, num_threads=2)
     ref = packed_linear_reference(x, D // 2, 0, 0, False, False, fmt, N, packed, None)
     xs = reference.topk_sparsify(x, D // 2)
-    _check_output(y, ref, xs, dequantize(packed_layout(fmt, D, N), packed), torch.float32)
+    _check_output(y, ref, xs, _term_magnitudes(packed_layout(fmt, D, N), packed), torch.float32)
     again = packed_linear(x, D // 2, 0, 0, False, False, fmt, N, packed, None, num_threads=2)
     assert torch.equal(y, again)
 
@@ -301,12 +314,7 @@ def test_integer_path_equals_the_float_path(data, D, N, rows, pattern, rescale, 
     mode = "l2" if rescale else "none"
     xs = reference.topk_sparsify(x, k, mode) if m == 0 else reference.block_sparsify(
         x, n, m, mode)
-    w = dequantize(layout, packed)
-    # the integer path sums x d q' and x m apart: its error is relative to |x| (|d q'| + |m|)
-    minima = packed.clone()
-    minima[:layout.scale_offset] = 0  # codes 0: the value of every entry is its group's m
-    m_w = dequantize(layout, minima)
-    bound = (w - m_w).abs() + m_w.abs()
+    bound = _term_magnitudes(layout, packed)
     for fn in _vnni_and_float_builds(rows):
         for threads in (1, 2):
             y = _call(fn, x, k, n, m, rescale, True, layout, packed, b, threads)
