@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-weights", choices=["int8", "int4"])
     parser.add_argument("--quant", choices=["int8"],
                         help="per-row int8 activations (DESIGN.md point 5), as smollm2_decode.py")
+    parser.add_argument("--quant-head", action="store_true",
+                        help="the head's input takes --quant too (the override {'lm_head': 0}),"
+                             " as smollm2_decode.py --quant-head")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12, help="decode steps compared")
     parser.add_argument("--new-tokens", type=int, default=64,
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     options = {"sparsity": args.sparsity, "weights": args.weights,
                "head_weights": args.head_weights, "quant": args.quant}
     options = {k: v for k, v in options.items() if v is not None}
+    if args.quant_head:
+        if not args.quant:
+            parser.error("--quant-head needs --quant")
+        options["overrides"] = {"lm_head": 0.0}
 
     # the reference's own greedy tokens, fed to both paths
     from transformers import StaticCache

@@ -177,6 +177,7 @@ def test_auto_on_cpu_does_not_pick_triton(monkeypatch):
 
     CPU tensors whatever the test device: this is about CPU weights."""
     monkeypatch.setattr(cpu_decode, "_max_sparse_rows", lambda *args: 8)
+    monkeypatch.setattr(cpu_decode, "_max_dense_rows", lambda *args: 0)  # the head: mm
     model = HF_MODELS["llama"].build()
     ids = token_ids(batch=1, seq=1)
     (out,), backend = _run(model, {"sparsity": 0.5}, ids)

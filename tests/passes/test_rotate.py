@@ -133,6 +133,7 @@ def test_relu_method_is_not_rotated(llama):
 
 def test_cpu_decode_takes_the_rotated_weights(llama, monkeypatch):
     monkeypatch.setattr(cpu_decode, "_max_sparse_rows", lambda *args: 8)
+    monkeypatch.setattr(cpu_decode, "_max_dense_rows", lambda *args: 0)  # the head: mm
     model, cal = llama
     ids = token_ids(1, 1)
     out, backend = _run(model, {"sparsity": 0.5, "calibration": cal}, ids)

@@ -46,8 +46,10 @@ CASES = {
 
 @pytest.fixture(autouse=True)
 def fixed_cost_model(monkeypatch):
-    """Every group fits the fused kernel (the measured cost model is not under test here)."""
+    """Every group fits the fused kernel and a dense fp32 head stays a plain product (the
+    measured cost model, which decides both per machine, is not under test here)."""
     monkeypatch.setattr(cpu_decode, "_max_sparse_rows", lambda *args: 8)
+    monkeypatch.setattr(cpu_decode, "_max_dense_rows", lambda *args: 0)
 
 
 def _compiled(model, options, ids, grad=False):
