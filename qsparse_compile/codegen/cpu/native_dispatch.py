@@ -35,7 +35,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 FORMAT_CODES = {"int8": 0, "int4": 1, "ternary": 2}
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not
+_state: dict[str, object] = {}  # "lib": the library, "error": why not, "threads": published
 
 
 def _build_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -111,9 +111,12 @@ def publish_layout(fmt: str, in_features: int, out_features: int, panel_bytes: i
 def publish_threads(torch_threads: int, kernel_threads: int) -> None:
     """The kernels' thread count for ``torch_threads`` (the native kernel defers to Python
     whenever ``torch.get_num_threads()`` differs, so the policy is measured again)."""
+    if _state.get("threads") == (torch_threads, kernel_threads):
+        return  # already what the native kernel holds: a Python call costs one compare
     lib = native_library()
     if lib is not None:
         lib.qs_native_set_threads(torch_threads, kernel_threads)
+        _state["threads"] = (torch_threads, kernel_threads)
 
 
 def native_calls() -> int:

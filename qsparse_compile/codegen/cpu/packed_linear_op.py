@@ -260,13 +260,14 @@ def _publish(x: torch.Tensor, fmt: str, out_features: int, max_sparse_rows: int)
     rows = x.numel() // D if D else 0
     if not 0 < rows <= max_sparse_rows:
         return
-    key = (fmt, x.dtype, rows, D, out_features, torch.get_num_threads())
+    # the thread count on every call (the native kernel holds only the last one published)
+    publish_threads(torch.get_num_threads(), decode_threads())
+    key = (fmt, x.dtype, rows, D, out_features)
     if key in _PUBLISHED:
         return
     layout = _LAYOUTS[(fmt, D, out_features)]
     publish_kernel("cpu_packed_linear", fmt, x.dtype, rows, _KERNELS[(fmt, x.dtype, rows)])
     publish_layout(fmt, D, out_features, *layout.kernel_offsets, layout.nbytes)
-    publish_threads(torch.get_num_threads(), decode_threads())
     _PUBLISHED.add(key)
 
 

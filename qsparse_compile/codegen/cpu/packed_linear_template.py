@@ -654,14 +654,15 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
         }
         gemv_share(rows, vals, i0, i1, gstart, xsum, g0, g1, qcodes, qsum, packed, panel_bytes,
                    dq, mq, N, Np, part + tid * ROWS * Np);
-        /* 2b. once every partial is there, each thread finishes its share of the columns */
+        /* 2b. once every partial is there, each thread finishes its share of the columns
+         * (the partials of the size threads OpenMP gave, which may be fewer than team) */
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
         const int64_t j0 = N * tid / size / 16 * 16;
         const int64_t j1 = tid == size - 1 ? N : N * (tid + 1) / size / 16 * 16;
         /* the integer path's sums are in units of the rows' int8 codes */
-        finish_columns(part, team, Np, (const float*)(packed + scale_off),
+        finish_columns(part, size, Np, (const float*)(packed + scale_off),
                        qcodes ? kept.qscale : NULL, bias, y, ldy, j0, j1);
     }
     return nnz;

@@ -348,11 +348,14 @@ def _publish(x: torch.Tensor, max_sparse_rows: int) -> None:
     (:mod:`.native_dispatch`)."""
     D = x.shape[-1]
     rows = x.numel() // D if D else 0
-    key = (x.dtype, rows, torch.get_num_threads())
-    if not 0 < rows <= max_sparse_rows or key in _PUBLISHED or (x.dtype, rows) not in _KERNELS:
+    key = (x.dtype, rows)
+    if not 0 < rows <= max_sparse_rows or (x.dtype, rows) not in _KERNELS:
+        return
+    # the thread count on every call (the native kernel holds only the last one published)
+    publish_threads(torch.get_num_threads(), decode_threads())
+    if key in _PUBLISHED:
         return
     publish_kernel("cpu_topk_linear", None, x.dtype, rows, _KERNELS[(x.dtype, rows)])
-    publish_threads(torch.get_num_threads(), decode_threads())
     _PUBLISHED.add(key)
 
 

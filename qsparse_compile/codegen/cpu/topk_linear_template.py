@@ -247,13 +247,14 @@ int64_t ${name}(const elem_t* x, int64_t x_stride_t, int64_t x_stride_k, int64_t
         i0 = i0 < nnz ? i0 : nnz;
         i1 = i1 < nnz ? i1 : nnz;
         gemv_rows(rows, vals, i0, i1, wt, ldw, N, part + tid * ROWS * N);
-        /* 2b. once every partial is there, each thread finishes its share of the columns */
+        /* 2b. once every partial is there, each thread finishes its share of the columns
+         * (the partials of the size threads OpenMP gave, which may be fewer than team) */
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
         const int64_t j0 = N * tid / size / 16 * 16;
         const int64_t j1 = tid == size - 1 ? N : N * (tid + 1) / size / 16 * 16;
-        finish_columns(part, team, N, bias, y, ldy, j0, j1);
+        finish_columns(part, size, N, bias, y, ldy, j0, j1);
     }
     return nnz;
 }

@@ -132,4 +132,8 @@ def test_what_the_native_kernel_does_not_take_reaches_python():
     with torch.no_grad():
         y2 = ops.cpu_packed_linear(x, 20, 0, 0, False, False, "int4", 24, packed, None,
                                    MAX_ROWS)
+        # back at the first count, the native kernel serves again
+        _, native = _served_by_native(lambda: ops.cpu_packed_linear(
+            x, 20, 0, 0, False, False, "int4", 24, packed, None, MAX_ROWS))
+        assert native
     assert torch.equal(y1, y2)
