@@ -26,8 +26,9 @@ import torch
 from .compiler import build_library
 from .dispatch_cpp import SOURCE
 
-__all__ = ["DTYPE_CODES", "FORMAT_CODES", "OP_CODES", "native_calls", "native_library",
-           "publish_kernel", "publish_layout", "publish_threads"]
+__all__ = ["DTYPE_CODES", "FORMAT_CODES", "OP_CODES", "define_with_native_kernel",
+           "native_calls", "native_library", "publish_kernel", "publish_layout",
+           "publish_threads"]
 
 #: Codes shared with the C++ tables (their order there).
 OP_CODES = {"cpu_topk_linear": 0, "cpu_packed_linear": 1}
@@ -67,6 +68,23 @@ def _load() -> ctypes.CDLL:
     lib.qs_native_served.argtypes = []
     lib.qs_native_served.restype = i64
     return lib
+
+
+def define_with_native_kernel(lib: torch.library.Library, schema: str, impl, fake) -> None:
+    """Define the op of ``schema`` (``"name(...) -> ..."``) and ``<name>_python`` beside it,
+    both with the Python implementation ``impl`` and the fake ``fake``.
+
+    The public op's Python implementation serves the CPU through CompositeExplicitAutograd, so
+    that the native kernel, once loaded, takes the CPU key without overriding a registration;
+    ``<name>_python`` (the ``CPU`` key) is what the native kernel calls for what it does not
+    take itself."""
+    name = schema.split("(", 1)[0]
+    lib.define(schema)
+    lib.define(schema.replace(f"{name}(", f"{name}_python(", 1))
+    lib.impl(name, impl, "CompositeExplicitAutograd")
+    lib.impl(f"{name}_python", impl, "CPU")
+    for op in (name, f"{name}_python"):
+        torch.library.register_fake(f"{lib.ns}::{op}", fake, lib=lib)
 
 
 def native_library() -> ctypes.CDLL | None:

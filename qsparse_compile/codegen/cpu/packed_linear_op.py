@@ -26,7 +26,12 @@ import torch
 
 from ... import reference
 from .compiler import load_entry_point
-from .native_dispatch import publish_kernel, publish_layout, publish_threads
+from .native_dispatch import (
+    define_with_native_kernel,
+    publish_kernel,
+    publish_layout,
+    publish_threads,
+)
 from .packed_linear_template import PackedLinearSpec, render
 from .packed_weights import FORMATS, PackedLayout, dequantize, pack, quantize
 from .topk_linear_op import check_no_grad, decode_threads
@@ -247,9 +252,6 @@ def packed_linear(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, quant:
 # --- the op --------------------------------------------------------------------------------
 
 _LIB = torch.library.Library("qsparse", "FRAGMENT")  # kept alive: dropping it unregisters
-_LIB.define(SCHEMA)
-#: the same op in Python, which the native kernel calls for what it does not take itself
-_LIB.define(SCHEMA.replace("cpu_packed_linear(", "cpu_packed_linear_python(", 1))
 _PUBLISHED: set[tuple] = set()
 
 
@@ -286,12 +288,7 @@ def _fake(x, k, n, m, rescale, quant, format, out_features, packed, bias,  # noq
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-# The public op's Python implementation serves the CPU through CompositeExplicitAutograd, so
-# that the native kernel, once loaded, takes the CPU key without overriding a registration.
-_LIB.impl("cpu_packed_linear", _cpu_impl, "CompositeExplicitAutograd")
-_LIB.impl("cpu_packed_linear_python", _cpu_impl, "CPU")
-for _name in ("cpu_packed_linear", "cpu_packed_linear_python"):
-    torch.library.register_fake(f"qsparse::{_name}", _fake, lib=_LIB)
+define_with_native_kernel(_LIB, SCHEMA, _cpu_impl, _fake)
 
 
 #: ``torch.ops.qsparse.cpu_packed_linear`` (see the module doc).

@@ -42,7 +42,7 @@ from ... import reference
 from ..gemv_operands import check_gemv_operands
 from .compiler import load_entry_point
 from .machine import last_level_cache_bytes
-from .native_dispatch import publish_kernel, publish_threads
+from .native_dispatch import define_with_native_kernel, publish_kernel, publish_threads
 from .thread_policy import kernel_threads
 from .topk_linear_template import MAX_ROWS, SUPPORTED_DTYPES, TopkLinearSpec, render
 
@@ -337,9 +337,6 @@ def prepare_group_weight(
 # --- the op --------------------------------------------------------------------------------
 
 _LIB = torch.library.Library("qsparse", "FRAGMENT")  # kept alive: dropping it unregisters
-_LIB.define(SCHEMA)
-#: the same op in Python, which the native kernel calls for what it does not take itself
-_LIB.define(SCHEMA.replace("cpu_topk_linear(", "cpu_topk_linear_python(", 1))
 _PUBLISHED: set[tuple] = set()
 
 
@@ -349,7 +346,7 @@ def _publish(x: torch.Tensor, max_sparse_rows: int) -> None:
     D = x.shape[-1]
     rows = x.numel() // D if D else 0
     key = (x.dtype, rows)
-    if not 0 < rows <= max_sparse_rows or (x.dtype, rows) not in _KERNELS:
+    if not 0 < rows <= max_sparse_rows or key not in _KERNELS:
         return
     # the thread count on every call (the native kernel holds only the last one published)
     publish_threads(torch.get_num_threads(), decode_threads())
@@ -373,12 +370,7 @@ def _fake(x: torch.Tensor, k: int, n: int, m: int, rescale: bool, weight_t: torc
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
-# The public op's Python implementation serves the CPU through CompositeExplicitAutograd, so
-# that the native kernel, once loaded, takes the CPU key without overriding a registration.
-_LIB.impl("cpu_topk_linear", _cpu_impl, "CompositeExplicitAutograd")
-_LIB.impl("cpu_topk_linear_python", _cpu_impl, "CPU")
-for _name in ("cpu_topk_linear", "cpu_topk_linear_python"):
-    torch.library.register_fake(f"qsparse::{_name}", _fake, lib=_LIB)
+define_with_native_kernel(_LIB, SCHEMA, _cpu_impl, _fake)
 
 
 #: ``torch.ops.qsparse.cpu_topk_linear``: ``sparsify(x) @ weight_t + bias`` (see the module doc).
